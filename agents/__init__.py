@@ -1,0 +1,1 @@
+"""Agents: a langchain-core chat model over harmony, tools, the agent loop, domain assistants."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: config schema, harmony data pipeline, LoRA, DeepSpeed trainer, EP, eval, merge."""

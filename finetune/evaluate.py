@@ -1,0 +1,11 @@
+"""ossforge eval (not built yet)."""
+
+from ossforge.errors import UserError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UserError("ossforge eval: not implemented yet")

@@ -1,0 +1,11 @@
+"""ossforge bench (not built yet)."""
+
+from ossforge.errors import UserError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UserError("ossforge bench: not implemented yet")

@@ -1,0 +1,3 @@
+from ossforge.cli import main
+
+raise SystemExit(main())

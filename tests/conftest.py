@@ -1,0 +1,48 @@
+"""Shared test fixtures: tiny gpt-oss models from GptOssConfig, the real harmony encoding."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Several xdist workers share 2 cores: one intra-op thread each avoids oversubscription.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def harmony():
+    """openai-harmony's gpt-oss encoding, loaded offline."""
+    from ossforge.model.tokenizer import harmony_encoding
+
+    return harmony_encoding()
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh random tiny gpt-oss model (fp32, eval mode off, seed 0)."""
+    from ossforge.model.presets import build_random
+
+    return build_random("tiny", seed=0)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run ``ossforge ARGS`` in a subprocess; returns CompletedProcess with text output."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "ossforge", *args],
+        cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
