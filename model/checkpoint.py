@@ -1,0 +1,355 @@
+"""Load and save gpt-oss checkpoints as Hugging Face model folders, offline.
+
+- :func:`load_model` builds a ``GptOssForCausalLM`` from ``model.preset`` (random init, seeded) or
+  ``model.path`` (a local folder: ``config.json`` + ``model.safetensors`` or shards listed in
+  ``model.safetensors.index.json``). Expert weights in the published MXFP4 format
+  (``*_blocks``/``*_scales``) are dequantized while loading, one tensor at a time, so peak memory
+  is the model plus one tensor. Never touches the Hub.
+- :func:`save_base` writes a random-init base as an HF folder, so an adapter trained on it can be
+  loaded by anyone with stock transformers + peft.
+- :func:`save_mxfp4_checkpoint` writes experts back in the published MXFP4 format.
+
+Problems with a folder are :class:`UserError` naming the folder or file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from ossforge.errors import UserError
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+EXPERT_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+# The published checkpoints keep these in bf16 and quantize only the expert matrices.
+MXFP4_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+def resolve_dtype(name: str, device: str = "cpu"):
+    """``model.dtype`` (``auto`` | ``bf16`` | ``fp32``) -> torch dtype; auto is bf16 on GPU, fp32 on CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def load_model(model_cfg, *, dtype=None, device="cpu"):
+    """``GptOssForCausalLM`` for a :class:`ossforge.finetune.config.ModelConfig`, in eval mode.
+
+    ``dtype`` defaults to ``model_cfg.dtype`` resolved for ``device``.
+    """
+    import torch
+
+    if dtype is None:
+        dtype = resolve_dtype(getattr(model_cfg, "dtype", "auto"), device)
+    if model_cfg.preset:
+        from ossforge.model.presets import build_random
+
+        model = build_random(model_cfg.preset, seed=model_cfg.init_seed, dtype=dtype)
+        return model.to(device).eval()
+    return load_folder(model_cfg.path, dtype=dtype, device=device)
+
+
+def read_config(folder):
+    """``GptOssConfig`` from ``folder/config.json`` (any ``quantization_config`` dropped: we dequantize)."""
+    from transformers import GptOssConfig
+
+    path = Path(folder) / CONFIG
+    data = _read_json(path, what="a Hugging Face model folder")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    if data.get("model_type") != "gpt_oss":
+        raise UserError(f"{path}: model_type: expected 'gpt_oss', got {data.get('model_type')!r}")
+    data.pop("quantization_config", None)
+    try:
+        return GptOssConfig.from_dict(data)
+    except Exception as exc:  # strict dataclass validation: wrong types, bad values
+        raise UserError(f"{path}: invalid gpt-oss config: {exc}") from None
+
+
+def weight_files(folder) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the shard index or the single file."""
+    folder = Path(folder)
+    index = folder / INDEX
+    if index.is_file():
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index}: weight_map: missing or empty")
+        files = {}
+        for name, file in weight_map.items():
+            path = folder / str(file)
+            if not path.is_file():
+                raise UserError(f"{index}: weight_map.{name}: shard file not found: {path}")
+            files[name] = path
+        return files
+    single = folder / SINGLE
+    if single.is_file():
+        with _open_safetensors(single) as f:
+            return {name: single for name in f.keys()}
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise UserError(f"{folder}: only safetensors checkpoints are supported (found .bin/.pt files)")
+    raise UserError(f"{folder}: no weights: expected {SINGLE} or {INDEX}")
+
+
+def stored_dtype(folder):
+    """The floating dtype the folder stores its non-expert weights in (bf16 for the published ones)."""
+    import torch
+
+    files = weight_files(folder)
+    name = "model.embed_tokens.weight" if "model.embed_tokens.weight" in files else next(iter(files))
+    with _open_safetensors(files[name]) as f:
+        code = f.get_slice(name).get_dtype()
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}.get(code, torch.float32)
+
+
+def load_folder(folder, *, dtype=None, device="cpu"):
+    """Load a local HF gpt-oss folder; ``dtype`` None keeps fp32."""
+    import torch
+    from transformers import GptOssForCausalLM
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{folder}: model folder not found")
+    dtype = dtype or torch.float32
+    config = read_config(folder)
+    files = weight_files(folder)
+    with torch.device("meta"):
+        model = GptOssForCausalLM(config)
+    wanted = dict(model.state_dict())  # name -> meta tensor (shape, requires_grad)
+    used = set()
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        if name in files:
+            by_file.setdefault(files[name], []).append(name)
+            used.add(name)
+        elif name.endswith(EXPERT_WEIGHTS) and f"{name}_blocks" in files and f"{name}_scales" in files:
+            by_file.setdefault(files[f"{name}_blocks"], []).append(name)
+            used.update((f"{name}_blocks", f"{name}_scales"))
+        elif name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied to the embedding below
+        else:
+            raise UserError(f"{folder}: missing tensor {name}")
+    extra = sorted(set(files) - used)
+    if extra:
+        more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
+        raise UserError(f"{folder}: unexpected tensors for a gpt-oss model: {', '.join(extra[:3])}{more}")
+    for file, names in by_file.items():
+        with _open_safetensors(file) as f:
+            for name in names:
+                tensor = _read_tensor(f, file, files, name, dtype, device)
+                expected = tuple(wanted[name].shape)
+                if tuple(tensor.shape) != expected:
+                    raise UserError(f"{file}: {name}: shape {tuple(tensor.shape)}, config expects {expected}")
+                _assign(model, name, tensor.to(device=device, dtype=dtype))
+    if "lm_head.weight" not in used and config.tie_word_embeddings:
+        model.tie_weights()
+    # Non-persistent buffers (rotary inv_freq) are not in the files: rebuild them for real.
+    rotary = type(model.model.rotary_emb)(config=config)
+    model.model.rotary_emb = rotary.to(device)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left unloaded: {left[:3]}")
+    model.config.dtype = dtype
+    model.name_or_path = str(folder)  # what peft records as base_model_name_or_path
+    return model.eval()
+
+
+def save_base(model, out_dir, *, max_shard_size: str | int = "5GB") -> Path:
+    """Write a plain ``GptOssForCausalLM`` (before peft/fuse_moe) as an HF folder, atomically.
+
+    The folder appears complete or not at all; an existing one is replaced. The model's
+    ``name_or_path`` becomes the folder's absolute path, so a peft adapter created on it afterwards
+    records it as ``base_model_name_or_path``.
+    """
+    from transformers import GptOssForCausalLM
+
+    if not isinstance(model, GptOssForCausalLM):
+        raise TypeError(f"save_base needs a plain GptOssForCausalLM (save before wrapping), got {type(model).__name__}")
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+    model.name_or_path = str(Path(out_dir).resolve())
+    return Path(out_dir)
+
+
+def save_mxfp4_checkpoint(model, out_dir, **kwargs) -> Path:
+    """Write ``model`` as an HF folder whose experts are MXFP4 (published format), atomically.
+
+    Keyword arguments as :func:`write_mxfp4_folder`.
+    """
+    with atomic_dir(out_dir) as tmp:
+        write_mxfp4_folder(model, tmp, **kwargs)
+    return Path(out_dir)
+
+
+def write_mxfp4_folder(model, folder, *, dtype=None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                       roundtrip_in_place: bool = False) -> None:
+    """Write ``config.json`` + safetensors with experts as MXFP4 ``*_blocks``/``*_scales`` into ``folder``.
+
+    Other tensors are stored in ``dtype`` (default: as they are). ``roundtrip_in_place`` replaces the
+    model's expert weights by their dequantized MXFP4 values, so the caller can measure the error the
+    quantization adds without a second copy of the model.
+    """
+    import torch
+
+    from ossforge.model.mxfp4 import GROUP, dequantize_mxfp4, quantize_mxfp4
+
+    config = model.config
+    for dim in (config.hidden_size, config.intermediate_size):
+        if dim % GROUP:
+            raise UserError(f"--mxfp4: hidden_size and intermediate_size must be multiples of {GROUP}, got {dim}")
+
+    # Quantizing is elementwise work: a GPU, when there is one, does it ~100x faster than a CPU.
+    work = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, param in model.state_dict().items():
+            if name.endswith(EXPERT_WEIGHTS):
+                blocks, scales = quantize_mxfp4(param.detach().to(work))
+                blocks, scales = blocks.to(param.device), scales.to(param.device)
+                yield f"{name}_blocks", blocks
+                yield f"{name}_scales", scales
+                if roundtrip_in_place:
+                    with torch.no_grad():
+                        param.copy_(dequantize_mxfp4(blocks, scales, param.dtype))
+            else:
+                yield name, param.detach().to(dtype) if dtype is not None else param.detach()
+
+    config_dict = config.to_dict()
+    config_dict["architectures"] = ["GptOssForCausalLM"]  # serving stacks pick the model class by this
+    config_dict["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": MXFP4_NOT_CONVERTED}
+    if dtype is not None:
+        config_dict["dtype"] = str(dtype).removeprefix("torch.")
+    folder = Path(folder)
+    write_safetensors(tensors(), folder, max_shard_bytes=max_shard_bytes)
+    (folder / CONFIG).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+
+
+def write_safetensors(tensors, folder, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write ``(name, tensor)`` pairs as ``model.safetensors`` or HF-style shards plus index."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    shards: list[dict] = []
+    current: dict = {}
+    size = total = 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            path = folder / f".shard-{len(shards):05d}.safetensors"
+            save_file(current, str(path), metadata={"format": "pt"})
+            shards.append({"path": path, "names": list(current)})
+        current, size = {}, 0
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            flush()
+        current[name] = tensor.contiguous()
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(shards) == 1:
+        shards[0]["path"].rename(folder / SINGLE)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        shard["path"].rename(folder / final)
+        weight_map.update({name: final for name in shard["names"]})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+@contextmanager
+def atomic_dir(out_dir):
+    """Yield a temp folder beside ``out_dir`` that becomes ``out_dir`` only if the block succeeds."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+def _read_json(path: Path, what: str = ""):
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        hint = f" (expected {what})" if what else ""
+        raise UserError(f"{path}: file not found{hint}") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+
+
+@contextmanager
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:  # SafetensorError, OSError: truncated or not safetensors at all
+        raise UserError(f"{path}: not a readable safetensors file: {exc}") from None
+    with handle as f:
+        yield f
+
+
+def _read_tensor(f, file: Path, files: dict, name: str, dtype, device):
+    """One tensor by its model name; MXFP4 experts are read from their blocks+scales and dequantized."""
+    from ossforge.model.mxfp4 import dequantize_mxfp4
+
+    try:
+        if name in files:
+            return f.get_tensor(name)
+        blocks = f.get_tensor(f"{name}_blocks")
+        scales_file = files[f"{name}_scales"]
+        if scales_file == file:
+            scales = f.get_tensor(f"{name}_scales")
+        else:
+            with _open_safetensors(scales_file) as g:
+                scales = g.get_tensor(f"{name}_scales")
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{file}: {name}: cannot read tensor: {exc}") from None
+    try:
+        return dequantize_mxfp4(blocks.to(device), scales.to(device), dtype)  # on the GPU when loading there
+    except ValueError as exc:
+        raise UserError(f"{file}: {name}_blocks: {exc}") from None
+
+
+def _assign(model, name: str, tensor) -> None:
+    """Replace the meta parameter/buffer ``name`` by ``tensor`` (keeps requires_grad)."""
+    import torch
+
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        module._buffers[attr] = tensor

@@ -1,0 +1,184 @@
+"""`ossforge merge`: stock-peft adapter (attention + expert LoRA) -> checkpoint stock transformers loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
+from transformers import GptOssForCausalLM
+
+from ossforge.cli import main
+from ossforge.finetune.config import ModelConfig
+from ossforge.model.checkpoint import load_model, save_base
+from ossforge.model.presets import build_random
+from tests.conftest import run_cli
+
+# <|start|>user<|message|>Hello<|end|><|start|>assistant : real o200k_harmony ids.
+PROBE = torch.tensor([[200006, 1428, 200008, 13225, 200007, 200006, 173781]])
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=PROBE).logits.float()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run laid out as the trainer does: base/ (random-init tiny) + adapter/ (stock peft, non-zero B)."""
+    run = tmp_path_factory.mktemp("run")
+    base = build_random("tiny", seed=5).eval()
+    base_gate_up = base.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    save_base(base, run / "base")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(base, config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    peft_model.save_pretrained(run / "adapter")
+    return {"run": run, "peft_logits": _logits(peft_model.eval()), "base_gate_up": base_gate_up}
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_adapter_fixture_has_expert_lora(run_dir):
+    with safe_open(run_dir["run"] / "adapter" / "adapter_model.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert any("mlp.experts.lora_B" in n or "experts.base_layer.lora_B" in n for n in names), names[:8]
+    assert any("q_proj.lora_B" in n for n in names)
+    config = json.loads((run_dir["run"] / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((run_dir["run"] / "base").resolve())
+
+
+def test_merge_loads_in_stock_transformers_with_adapter_logits(run_dir):
+    run = run_dir["run"]
+    res = run_cli("merge", "--adapter", str(run / "adapter"), "--out", str(run / "merged"))
+    assert res.returncode == 0, res.stderr
+    assert "merge check" in res.stdout
+    merged = GptOssForCausalLM.from_pretrained(run / "merged", dtype=torch.float32).eval()
+    assert merged.dtype == torch.float32  # auto keeps the base's precision
+    with safe_open(run / "merged" / "model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k]
+    # Expert LoRA really went into the experts (peft 0.21 merges target_parameters).
+    delta = (merged.model.layers[0].mlp.experts.gate_up_proj - run_dir["base_gate_up"]).abs().max()
+    assert delta > 1e-3
+    rel = _rel(_logits(merged), run_dir["peft_logits"])
+    assert rel < 1e-5, rel  # fp32: only summation order differs (DESIGN target: <= 1e-3)
+    info = json.loads((run / "merged" / "ossforge_merge.json").read_text())
+    assert info["merge_logit_error"]["rel"] < 1e-5 and info["mxfp4"] is False
+
+
+def test_merge_mxfp4_loads_through_our_loader(run_dir, capsys):
+    run = run_dir["run"]
+    out = run / "merged-mx"
+    assert main(["merge", "--adapter", str(run / "adapter"), "--out", str(out), "--mxfp4"]) == 0
+    assert "mxfp4 logit error" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.experts.gate_up_proj_blocks" in keys
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in keys
+    model = load_model(ModelConfig(path=str(out)), dtype=torch.float32)
+    err = (_logits(model) - run_dir["peft_logits"]).abs()
+    reported = json.loads((out / "ossforge_merge.json").read_text())["mxfp4_logit_error"]
+    # What we load back is what merge measured: same max error (different probe, same order of size).
+    assert 0 < err.max().item() < 10 * reported["max_abs"]
+    assert _rel(_logits(model), run_dir["peft_logits"]) < 0.5  # quantized, not broken
+
+
+def test_explicit_base_and_bf16(run_dir, tmp_path):
+    run = run_dir["run"]
+    code = main(["merge", "--adapter", str(run / "adapter"), "--base", str(run / "base"),
+                 "--out", str(tmp_path / "bf16"), "--dtype", "bf16"])
+    assert code == 0
+    merged = GptOssForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert merged.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    assert _rel(_logits(merged.float()), run_dir["peft_logits"]) < 3e-2
+
+
+def test_base_search_order(run_dir, tmp_path):
+    from ossforge.finetune.merge import find_base
+
+    run = run_dir["run"]
+    adapter = run / "adapter"
+    # A moved run: the recorded absolute path is gone, the trainer's base/ beside adapter/ is found.
+    assert find_base(adapter, {"base_model_name_or_path": str(tmp_path / "gone")}, None) == run / "base"
+    assert find_base(adapter, {"base_model_name_or_path": None}, None) == run / "base"
+    # A recorded local folder wins over the sibling, and --base over both.
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    assert find_base(adapter, {"base_model_name_or_path": str(other)}, None) == other
+    assert find_base(adapter, {"base_model_name_or_path": str(other)}, str(run / "base")) == run / "base"
+
+
+# -- user errors: exit 2, one line naming the file, nothing written ----------------------------
+
+def _fails(capsys, *args, match):
+    capsys.readouterr()  # drop earlier output (progress bars of fixtures)
+    code = main(["merge", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and match in err, err
+    assert "Traceback" not in err
+
+
+def test_missing_adapter_folder(capsys, tmp_path):
+    _fails(capsys, "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+           match=f"{tmp_path / 'nope'}: adapter folder not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_not_a_peft_adapter(capsys, tmp_path):
+    (tmp_path / "a").mkdir()
+    _fails(capsys, "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "o"),
+           match="not a peft adapter: adapter_config.json not found")
+    (tmp_path / "a" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    _fails(capsys, "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "o"),
+           match="adapter_config.json: peft_type: expected 'LORA', got 'IA3'")
+    (tmp_path / "a" / "adapter_config.json").write_text('{"peft_type": "LORA",\n "r": }')
+    _fails(capsys, "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "o"),
+           match="adapter_config.json:2: invalid JSON")
+    (tmp_path / "a" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    _fails(capsys, "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "o"),
+           match="adapter_model.safetensors not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_base_not_found(capsys, run_dir, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = json.loads((run_dir["run"] / "adapter" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "openai/gpt-oss-20b"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "adapter_model.safetensors").write_bytes(
+        (run_dir["run"] / "adapter" / "adapter_model.safetensors").read_bytes())
+    _fails(capsys, "--adapter", str(adapter), "--out", str(tmp_path / "o"),
+           match="base_model_name_or_path: 'openai/gpt-oss-20b' is not a local model folder")
+    _fails(capsys, "--adapter", str(adapter), "--base", str(tmp_path / "nobase"), "--out", str(tmp_path / "o"),
+           match="--base: ")
+
+
+def test_existing_out_is_not_overwritten(capsys, run_dir, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "precious.txt").write_text("x")
+    _fails(capsys, "--adapter", str(run_dir["run"] / "adapter"), "--out", str(tmp_path / "o"),
+           match="already exists")
+    _fails(capsys, "--adapter", str(run_dir["run"] / "adapter"), "--out", str(run_dir["run"] / "base"),
+           match="would overwrite")
+    assert (tmp_path / "o" / "precious.txt").read_text() == "x"
+
+
+def test_adapter_for_another_base(capsys, run_dir, tmp_path):
+    other = build_random("tiny-quickstart", seed=0)
+    save_base(other, tmp_path / "other")
+    _fails(capsys, "--adapter", str(run_dir["run"] / "adapter"), "--base", str(tmp_path / "other"),
+           "--out", str(tmp_path / "o"), match="adapter does not fit base model")
+    assert not (tmp_path / "o").exists()
