@@ -13,6 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Several xdist workers share 2 cores: one intra-op thread each avoids oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Triton kernels run in the CPU interpreter in tests (DESIGN §6). It must be set before triton is first
+# imported, and transformers/peft import triton, so any test module could do that before tests/test_kernels.py.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

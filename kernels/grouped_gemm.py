@@ -1,0 +1,305 @@
+"""Triton grouped GEMMs over experts; same signatures and semantics as ``reference.py``.
+
+``expert_matmul``: one program per (row tile, column tile). Row tiles come from ``routing.tile_table`` and
+never straddle experts. The prologue gathers token rows through ``token_of_row`` (no permuted copy of X);
+the K loop also accumulates the LoRA down-projection ``x @ L1[e]`` (rank padded to 16); the epilogue adds
+``s * (x L1) L2[e]``, the bias, the routing weight, and for gate/up the clamped SwiGLU over the interleaved
+columns (two accumulators, gate = even, up = odd columns, so ``h`` and ``act`` come out of one pass); rows
+can be scattered back to slot order for a deterministic top-k sum. In backward the same kernel computes
+``g = dY W2^T (+ LoRA)`` with the SwiGLU backward as its epilogue (``dh``, ``act`` and per-tile partial sums of
+``g * act`` for the routing-weight gradient), so ``g`` never goes to memory.
+
+``expert_tn``: one program per (expert, P tile, Q tile) loops over that expert's rows: ``L_e^T R_e``
+(dA, dB and, for trainable experts, dW).
+
+Row/expert offsets are int64 inside the kernels (S * K passes 2^31 at gpt-oss sizes). Under
+``TRITON_INTERPRET=1`` tiles are cast to fp32 (a bf16 ``tl.dot`` is wrong in the interpreter) and there is a
+single autotune config (several crash without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ossforge.kernels.reference import SWIGLU_ALPHA, SWIGLU_LIMIT, LoraFactors
+from ossforge.kernels.routing import Routing, tile_table
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+PREGATHER = False  # rows are gathered inside the kernels
+
+
+def _mm_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3), (64, 32, 4, 5)]
+    ]
+
+
+def _tn_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_P": 16, "BLOCK_Q": 16, "BLOCK_R": 16}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_R": br}, num_warps=w, num_stages=s)
+        for bp, bq, br, w, s in [(64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (32, 128, 64, 4, 4), (16, 128, 64, 4, 4)]
+    ]
+
+
+@triton.jit
+def _dot(a, b, CAST_F32: tl.constexpr):
+    if CAST_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+# reset_to_zero: configs with a smaller BLOCK_N write more partial-sum rows; stale ones must not survive tuning.
+@triton.autotune(configs=_mm_configs(), key=["N", "K", "SWIGLU", "DSWIGLU", "HAS_LORA"], reset_to_zero=["part_ptr"])
+@triton.jit
+def _expert_matmul_kernel(
+    x_ptr, w_ptr, bias_ptr, l1_ptr, l2_ptr, scale_ptr, rows_ptr, perm_ptr,
+    tile_expert_ptr, tile_start_ptr, offsets_ptr,
+    out_ptr, act_ptr, xl_ptr, h_ptr, part_ptr,
+    N, K, R, lora_scaling,
+    sxm, sxk, swe, swk, swn, sbe, sbn,
+    s1e, s1k, s1r, s2e, s2r, s2n,
+    som, son, sam, san, sxlm, sxlr, shm, shn, spn,
+    alpha, limit,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    ROW_SCALE: tl.constexpr, SWIGLU: tl.constexpr, DSWIGLU: tl.constexpr, CAST_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RANK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(tile_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    e64 = expert.to(tl.int64)
+    row_start = tl.load(tile_start_ptr + pid_m)
+    row_end = tl.load(offsets_ptr + e64 + 1)
+    rows = row_start + tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_m = rows < row_end
+    if GATHER:
+        src = tl.load(rows_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+    else:
+        src = rows
+    # Output columns of this program: plain, or (gate, up) = (2j, 2j + 1) for the SwiGLU epilogue.
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SWIGLU:
+        mask_n = cols < N // 2
+        cols_a = 2 * cols
+        cols_b = 2 * cols + 1
+    else:
+        mask_n = cols < N
+        cols_a = cols
+        cols_b = cols
+    ks = tl.arange(0, BLOCK_K)
+    rk = tl.arange(0, BLOCK_RANK)
+    acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xl = tl.zeros((BLOCK_M, BLOCK_RANK), dtype=tl.float32)
+    x_rows = x_ptr + src[:, None] * sxm
+    w_base = w_ptr + e64 * swe
+    for k0 in range(0, K, BLOCK_K):
+        kk = (k0 + ks).to(tl.int64)
+        mask_k = kk < K
+        a = tl.load(x_rows + kk[None, :] * sxk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wa = tl.load(w_base + kk[:, None] * swk + cols_a[None, :] * swn,
+                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc_a += _dot(a, wa, CAST_F32)
+        if SWIGLU:
+            wb = tl.load(w_base + kk[:, None] * swk + cols_b[None, :] * swn,
+                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc_b += _dot(a, wb, CAST_F32)
+        if HAS_LORA:
+            l1 = tl.load(l1_ptr + e64 * s1e + kk[:, None] * s1k + rk[None, :] * s1r,
+                         mask=mask_k[:, None] & (rk[None, :] < R), other=0.0)
+            xl += _dot(a, l1, CAST_F32)
+    if HAS_LORA:
+        mask_r = rk < R
+        l2a = tl.load(l2_ptr + e64 * s2e + rk[:, None] * s2r + cols_a[None, :] * s2n,
+                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc_a += lora_scaling * _dot(xl.to(l2a.dtype), l2a, CAST_F32)
+        if SWIGLU:
+            l2b = tl.load(l2_ptr + e64 * s2e + rk[:, None] * s2r + cols_b[None, :] * s2n,
+                          mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            acc_b += lora_scaling * _dot(xl.to(l2b.dtype), l2b, CAST_F32)
+        if pid_n == 0:
+            tl.store(xl_ptr + rows[:, None] * sxlm + rk[None, :] * sxlr, xl.to(xl_ptr.dtype.element_ty),
+                     mask=mask_m[:, None] & mask_r[None, :])
+    if HAS_BIAS:
+        acc_a += tl.load(bias_ptr + e64 * sbe + cols_a * sbn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            acc_b += tl.load(bias_ptr + e64 * sbe + cols_b * sbn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if DSWIGLU:
+        # Backward epilogue of the down GEMM: acc = g = dY W2^T (+ LoRA) for columns j of act. With h's
+        # gate/up pair (2j, 2j + 1) and the routing weight w: dh = dswiglu(h) * (w g), act = swiglu(h),
+        # and this tile's share of sum_j g * act (the routing-weight gradient) into part[pid_n, row].
+        mask_o = mask_m[:, None] & mask_n[None, :]
+        hg = tl.load(h_ptr + rows[:, None] * shm + (2 * cols)[None, :] * shn, mask=mask_o, other=0.0).to(tl.float32)
+        hu = tl.load(h_ptr + rows[:, None] * shm + (2 * cols + 1)[None, :] * shn, mask=mask_o, other=0.0)
+        hu = hu.to(tl.float32)
+        wrow = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
+        gate = tl.minimum(hg, limit)
+        up_p1 = tl.minimum(tl.maximum(hu, -limit), limit) + 1.0
+        sig = tl.sigmoid(gate * alpha)
+        glu = gate * sig
+        act = up_p1 * glu
+        ga = acc_a * wrow[:, None]
+        d_gate = tl.where(hg <= limit, ga * up_p1 * (sig + alpha * glu * (1.0 - sig)), 0.0)
+        d_up = tl.where((hu >= -limit) & (hu <= limit), ga * glu, 0.0)
+        tl.store(out_ptr + rows[:, None] * som + (2 * cols)[None, :] * son, d_gate.to(out_ptr.dtype.element_ty),
+                 mask=mask_o)
+        tl.store(out_ptr + rows[:, None] * som + (2 * cols + 1)[None, :] * son, d_up.to(out_ptr.dtype.element_ty),
+                 mask=mask_o)
+        tl.store(act_ptr + rows[:, None] * sam + cols[None, :] * san, act.to(act_ptr.dtype.element_ty), mask=mask_o)
+        act_r = act.to(act_ptr.dtype.element_ty).to(tl.float32)  # the stored act, as the reference sees it
+        part = tl.sum(tl.where(mask_o, acc_a * act_r, 0.0), axis=1)
+        tl.store(part_ptr + pid_n * spn + rows, part, mask=mask_m)
+        return
+    if ROW_SCALE:
+        scale = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
+        acc_a = acc_a * scale[:, None]
+        acc_b = acc_b * scale[:, None]
+    if SCATTER:
+        dst = tl.load(perm_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+    else:
+        dst = rows
+    mask_o = mask_m[:, None] & mask_n[None, :]
+    tl.store(out_ptr + dst[:, None] * som + cols_a[None, :] * son, acc_a.to(out_ptr.dtype.element_ty), mask=mask_o)
+    if SWIGLU:
+        tl.store(out_ptr + dst[:, None] * som + cols_b[None, :] * son, acc_b.to(out_ptr.dtype.element_ty),
+                 mask=mask_o)
+        # Round h to the storage dtype first so act == swiglu(stored h) exactly as in the reference.
+        gate = tl.minimum(acc_a.to(out_ptr.dtype.element_ty).to(tl.float32), limit)
+        up = tl.minimum(tl.maximum(acc_b.to(out_ptr.dtype.element_ty).to(tl.float32), -limit), limit)
+        act = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+        tl.store(act_ptr + dst[:, None] * sam + cols[None, :] * san, act.to(act_ptr.dtype.element_ty), mask=mask_o)
+
+
+@triton.autotune(configs=_tn_configs(), key=["P", "Q"])
+@triton.jit
+def _expert_tn_kernel(
+    l_ptr, r_ptr, rows_ptr, offsets_ptr, out_ptr,
+    P, Q, slm, slp, srm, srq, soe, sop, soq,
+    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, CAST_F32: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    e64 = tl.program_id(0).to(tl.int64)
+    ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    qs = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    lo = tl.load(offsets_ptr + e64)
+    hi = tl.load(offsets_ptr + e64 + 1)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(lo, hi, BLOCK_R):
+        ms = (m0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mask_m = ms < hi
+        lrow = ms
+        rrow = ms
+        if GATHER_L:
+            lrow = tl.load(rows_ptr + ms, mask=mask_m, other=0).to(tl.int64)
+        if GATHER_R:
+            rrow = tl.load(rows_ptr + ms, mask=mask_m, other=0).to(tl.int64)
+        lt = tl.load(l_ptr + lrow[None, :] * slm + ps[:, None] * slp,
+                     mask=mask_m[None, :] & (ps[:, None] < P), other=0.0)
+        rt = tl.load(r_ptr + rrow[:, None] * srm + qs[None, :] * srq,
+                     mask=mask_m[:, None] & (qs[None, :] < Q), other=0.0)
+        acc += _dot(lt, rt, CAST_F32)
+    tl.store(out_ptr + e64 * soe + ps[:, None] * sop + qs[None, :] * soq, acc.to(out_ptr.dtype.element_ty),
+             mask=(ps[:, None] < P) & (qs[None, :] < Q))
+
+
+def _block_m(routing: Routing) -> int:
+    if INTERPRET:
+        return 16
+    rows_per_expert = routing.num_tokens * routing.top_k / max(routing.num_experts, 1)
+    return 128 if rows_per_expert >= 256 else 64
+
+
+def _tiles(routing: Routing, block_m: int):
+    cache = routing.__dict__.setdefault("_tile_cache", {})
+    if block_m not in cache:
+        cache[block_m] = tile_table(routing, block_m)
+    return cache[block_m]
+
+
+def expert_matmul(x, w, routing: Routing, *, gather: bool = False, bias=None,
+                  lora: LoraFactors | None = None, row_scale=None, swiglu_out: bool = False,
+                  scatter: bool = False, dswiglu_of=None):
+    """Triton version of :func:`ossforge.kernels.reference.expert_matmul`.
+
+    ``dswiglu_of=h`` (with ``row_scale`` = routing weights) switches to the down-backward epilogue and returns
+    ``(dh, act, xl, g_dot_act)``: see :func:`down_backward`.
+    """
+    num_rows = routing.num_tokens * routing.top_k
+    n, k = w.shape[-1], w.shape[-2]
+    dswiglu = dswiglu_of is not None
+    out = x.new_empty(num_rows, 2 * n) if dswiglu else x.new_empty(num_rows, n)
+    act = x.new_empty(num_rows, n // 2) if swiglu_out else (x.new_empty(num_rows, n) if dswiglu else None)
+    rank = lora.l1.shape[-1] if lora is not None else 0
+    xl = x.new_empty(num_rows, rank) if lora is not None else None
+    if num_rows == 0:
+        return (out, act, xl, x.new_zeros(0)) if dswiglu else (out, act, xl)
+    block_m = _block_m(routing)
+    tile_expert, tile_start, max_tiles = _tiles(routing, block_m)
+    dummy = out
+    l1, l2 = (lora.l1, lora.l2) if lora is not None else (dummy.view(1, 1, -1), dummy.view(1, 1, -1))
+    xl_t = xl if xl is not None else dummy
+    act_t = act if act is not None else dummy
+    bias_t = bias if bias is not None else dummy
+    n_cols = n // 2 if swiglu_out else n
+    h_t = dswiglu_of if dswiglu else dummy
+    # Per-column-tile partial sums of g * act; the smallest BLOCK_N bounds the number of tiles.
+    part = torch.zeros(triton.cdiv(n_cols, 16), num_rows, device=x.device, dtype=torch.float32) if dswiglu \
+        else torch.zeros(1, 1, device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (max_tiles, triton.cdiv(n_cols, meta["BLOCK_N"]))
+
+    _expert_matmul_kernel[grid](
+        x, w, bias_t, l1, l2, row_scale if row_scale is not None else dummy,
+        routing.token_of_row, routing.perm, tile_expert, tile_start, routing.offsets,
+        out, act_t, xl_t, h_t, part,
+        n, k, rank, float(lora.scaling) if lora is not None else 0.0,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        bias_t.stride(0), bias_t.stride(-1),
+        l1.stride(0), l1.stride(1), l1.stride(2), l2.stride(0), l2.stride(1), l2.stride(2),
+        out.stride(0), out.stride(1), act_t.stride(0), act_t.stride(-1), xl_t.stride(0), xl_t.stride(-1),
+        h_t.stride(0), h_t.stride(-1), part.stride(0),
+        SWIGLU_ALPHA, SWIGLU_LIMIT,
+        GATHER=gather, SCATTER=scatter, HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
+        ROW_SCALE=row_scale is not None, SWIGLU=swiglu_out, DSWIGLU=dswiglu, CAST_F32=INTERPRET or x.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_RANK=max(16, triton.next_power_of_2(max(rank, 1))),
+    )
+    if dswiglu:
+        return out, act, xl, part.sum(0).to(x.dtype)
+    return out, act, xl
+
+
+def expert_tn(left, right, routing: Routing, *, gather_left: bool = False, gather_right: bool = False):
+    """Triton version of :func:`ossforge.kernels.reference.expert_tn` (fp32 accumulate, [E, P, Q])."""
+    p, q = left.shape[-1], right.shape[-1]
+    out = left.new_empty(routing.num_experts, p, q)
+
+    def grid(meta):
+        return (routing.num_experts, triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(q, meta["BLOCK_Q"]))
+
+    _expert_tn_kernel[grid](
+        left, right, routing.token_of_row, routing.offsets, out,
+        p, q, left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        GATHER_L=gather_left, GATHER_R=gather_right, CAST_F32=INTERPRET or left.dtype == torch.float32,
+    )
+    return out
+
+
+def down_backward(dout, w_t, routing: Routing, h, row_weight, lora: LoraFactors | None = None,
+                  gathered: bool = False):
+    """Triton version of :func:`ossforge.kernels.reference.down_backward`: dSwiGLU fused in the GEMM epilogue."""
+    dh, act, dyl, gdot = expert_matmul(dout, w_t, routing, gather=not gathered, lora=lora, row_scale=row_weight,
+                                       dswiglu_of=h)
+    return dh, act, gdot, dyl
