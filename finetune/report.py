@@ -1,0 +1,181 @@
+"""Run report: PNG figures and one ``report.html`` in the run folder, from what the run wrote.
+
+    from ossforge.finetune.report import write_report
+    write_report("runs/quickstart")   # -> runs/quickstart/report.html (+ curves.png, expert_load.png)
+
+Reads ``metrics.jsonl`` (``step``, ``loss``, ``lr``, ``eval_loss``, ``expert_load``: per layer, each
+expert's share of the routed token slots) and ``eval.json`` when ``ossforge eval`` has run. Draws:
+
+- ``curves.png``: training loss (and eval loss) per step, learning rate on a second axis;
+- ``expert_load.png``: heatmap of expert load per layer over the run, and per layer the busiest
+  expert's load relative to a perfectly balanced router (1.0) at each logged step;
+- ``eval.png`` (written by ``ossforge eval``): accuracy and tokens per reasoning effort.
+
+Every file is written atomically; missing inputs just leave their section out.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line being written when we read: skip it
+    return out
+
+
+def plot_curves(records: list[dict], path: Path) -> Optional[Path]:
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    if not train:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot(*zip(*train), label="train loss")
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    lrs = [(r["step"], r["lr"]) for r in records if "lr" in r]
+    if lrs:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lrs), color="gray", alpha=0.5, linestyle=":", label="lr")
+        ax2.set_ylabel("learning rate")
+    ax.legend(loc="upper right")
+    ax.set_title("loss")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def expert_load(records: list[dict]) -> tuple[list[int], list[list[float]]]:
+    """(steps, per-record loads) of records carrying ``expert_load`` as [layers][experts] shares."""
+    steps, loads = [], []
+    for r in records:
+        load = r.get("expert_load")
+        if isinstance(load, list) and load and all(isinstance(layer, list) and layer for layer in load):
+            steps.append(r["step"])
+            loads.append(load)
+    return steps, loads
+
+
+def plot_expert_load(records: list[dict], path: Path) -> Optional[Path]:
+    import numpy as np
+
+    steps, loads = expert_load(records)
+    if not loads:
+        return None
+    shapes = {(len(x), len(x[0])) for x in loads}
+    if len(shapes) != 1:
+        return None
+    arr = np.asarray(loads, dtype=float)  # [records, layers, experts]
+    mean = arr.mean(axis=0)
+    experts = arr.shape[2]
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2 + 0.15 * arr.shape[1]))
+    im = ax1.imshow(mean, aspect="auto", cmap="viridis", vmin=0)
+    ax1.set_xticks(range(experts))
+    ax1.set_yticks(range(arr.shape[1]))
+    ax1.set_xlabel("expert")
+    ax1.set_ylabel("layer")
+    ax1.set_title("share of routed tokens (mean over run)")
+    fig.colorbar(im, ax=ax1)
+    for layer in range(arr.shape[1]):
+        ax2.plot(steps, arr[:, layer, :].max(axis=1) * experts, label=f"layer {layer}")
+    ax2.axhline(1.0, color="gray", linestyle=":")
+    ax2.set_xlabel("step")
+    ax2.set_title("busiest expert / balanced load")
+    if arr.shape[1] <= 12:
+        ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _eval_section(report: dict) -> str:
+    rows = []
+    models = [m for m in ("base", "tuned") if m in report]
+    keys = ("tool_call_accuracy", "call_accuracy", "no_call_accuracy", "well_formed_calls", "accuracy",
+            "eval_loss", "output_tokens", "reasoning_tokens")
+    for k in keys:
+        vals = [report[m].get(k) for m in models]
+        if all(v is None for v in vals):
+            continue
+        cells = "".join(f"<td>{'-' if v is None else (f'{100 * v:.1f}%' if 'acc' in k or 'formed' in k else f'{v:.4g}')}</td>"
+                        for v in vals)
+        rows.append(f"<tr><td>{k}</td>{cells}</tr>")
+    head = "".join(f"<th>{m}</th>" for m in models)
+    return (f"<h2>Evaluation</h2><p>{html.escape(report.get('data', ''))}: {report.get('cases')} cases, "
+            f"efforts {html.escape(str(report.get('efforts')))}</p>"
+            f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>")
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write the figures and ``report.html`` of a run folder; returns the HTML path."""
+    run = Path(run_dir)
+    records = read_metrics(run)
+    parts = [f"<h1>ossforge run: {html.escape(str(run))}</h1>"]
+    losses = [r["loss"] for r in records if "loss" in r]
+    if losses:
+        drop = 100 * (losses[0] - losses[-1]) / losses[0] if losses[0] else 0.0
+        parts.append(f"<p>{len(records)} logged steps; loss {losses[0]:.4f} -> {losses[-1]:.4f} ({drop:.0f}% lower)</p>")
+    if plot_curves(records, run / "curves.png"):
+        parts.append('<h2>Loss</h2><img src="curves.png" alt="loss curves">')
+    if plot_expert_load(records, run / "expert_load.png"):
+        parts.append('<h2>Expert load</h2><img src="expert_load.png" alt="expert load per layer">')
+    eval_json = run / "eval.json"
+    if eval_json.is_file():
+        try:
+            parts.append(_eval_section(json.loads(eval_json.read_text())))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+        if (run / "eval.png").is_file():
+            parts.append('<img src="eval.png" alt="eval by reasoning effort">')
+    style = "body{font-family:sans-serif;max-width:1000px;margin:2em auto}td,th{padding:2px 10px;text-align:right}"
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>ossforge run</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+    out = run / "report.html"
+    atomic_write_bytes(out, page.encode("utf-8"))
+    return out
