@@ -3,6 +3,12 @@
 Every backend has one method, ``generate(prompt_ids, *, max_tokens, temperature, seed)``, which
 yields the ids the model writes after the prompt (which ends in ``<|start|>assistant`` plus any
 prefilled header) until ``<|return|>`` or ``<|call|>`` (included) or ``max_tokens``.
+
+One assistant turn may hold several messages (analysis, then a call or the final answer), joined by
+``<|end|><|start|>assistant``. Training labels never cover that ``<|start|>assistant`` pair (DESIGN
+§3), so a model tuned from a random init never learns to write it; :class:`TransformersBackend`
+therefore writes it itself after a generated ``<|end|>`` (:class:`HarmonyContinuation`). The pair
+stays in the yielded ids, so the harmony parser sees a well-formed multi-message completion.
 """
 
 from __future__ import annotations
@@ -71,6 +77,38 @@ class ScriptedBackend:
         yield from _encode_completion(text)[:max_tokens]
 
 
+class HarmonyContinuation:
+    """transformers logits processor: inside the assistant turn only ``<|start|>`` may follow a
+    generated ``<|end|>``, and only the ``assistant`` role may follow that ``<|start|>``.
+
+    Harmony allows nothing else there (tool results come only after ``<|call|>``, which ends the
+    turn), so this is harmless for a pretrained gpt-oss, which writes the pair anyway. Only generated
+    tokens count: ``prompt_len`` is the prompt's length (an ``<|end|>`` in the prompt is ignored).
+    """
+
+    def __init__(self, prompt_len: int):
+        from ossforge.finetune.harmony import ASSISTANT
+
+        self.prompt_len = prompt_len
+        self.assistant = ASSISTANT
+
+    def __call__(self, input_ids, scores):
+        n_new = input_ids.shape[1] - self.prompt_len
+        if n_new <= 0:
+            return scores
+        for b in range(input_ids.shape[0]):
+            last = int(input_ids[b, -1])
+            force = None
+            if last == tok.END:
+                force = tok.START
+            elif last == tok.START and n_new >= 2 and int(input_ids[b, -2]) == tok.END:
+                force = self.assistant
+            if force is not None:
+                scores[b, :] = float("-inf")
+                scores[b, force] = 0.0
+        return scores
+
+
 class _QueueStreamer:
     """transformers streamer that hands new token ids to a queue (the first ``put`` is the prompt)."""
 
@@ -93,14 +131,17 @@ class TransformersBackend:
     """A local ``GptOssForCausalLM`` (optionally with a peft adapter), MoE layers fused.
 
     Use :meth:`from_paths` to load from folders, or pass a model object. Greedy when
-    ``temperature`` is 0, sampled otherwise; tokens are streamed as they are generated.
+    ``temperature`` is 0, sampled otherwise; tokens are streamed as they are generated. After a
+    generated ``<|end|>`` it writes ``<|start|>assistant`` and goes on (``continue_messages=False``
+    turns that off and leaves every token to the model).
     """
 
     name = "transformers"
 
-    def __init__(self, model, *, device: str | None = None, fuse: bool = True):
+    def __init__(self, model, *, device: str | None = None, fuse: bool = True, continue_messages: bool = True):
         import torch
 
+        self.continue_messages = continue_messages
         self.model = model.eval()
         self.device = device or next(model.parameters()).device
         if fuse:
@@ -143,7 +184,10 @@ class TransformersBackend:
             kwargs.update(do_sample=True, temperature=float(temperature), top_p=1.0, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+        if self.continue_messages:
+            kwargs["logits_processor"] = LogitsProcessorList([HarmonyContinuation(input_ids.shape[1])])
 
         cancel = threading.Event()  # set when the caller stops reading (timeout, closed generator)
 
@@ -200,7 +244,9 @@ class OpenAICompatibleBackend:
 
     Sends the raw prompt (token ids, or text with ``prompt_format="text"``), asks for special
     tokens in the output and stops on ``<|return|>`` / ``<|call|>``; the text that comes back is
-    re-encoded to o200k_harmony ids for the harmony parser.
+    re-encoded to o200k_harmony ids for the harmony parser. A server takes no logits processor,
+    so unlike :class:`TransformersBackend` the model itself must write ``<|start|>assistant`` after
+    an ``<|end|>`` (gpt-oss and models tuned from it do; the server does not stop there).
     """
 
     name = "openai-compatible"

@@ -144,6 +144,87 @@ def test_transformers_backend_greedy_is_deterministic(tiny_model):
     early.close()  # stops the generation thread instead of running 400 steps
 
 
+class _Steer:
+    """Adds +1000 to one logit per generated step of a real tiny model: the script of what a tuned
+    model writes. Like a model tuned on DESIGN §3 labels, the script never contains the
+    ``<|start|>assistant`` pair after ``<|end|>`` (``None`` there: no bias at those two steps)."""
+
+    def __init__(self, model, script: list[int | None]):
+        self.script, self.step = script, -1
+
+        def pre(module, args, kwargs):
+            ids = kwargs.get("input_ids")
+            self.step = 0 if ids is not None and ids.shape[1] > 1 else self.step + 1  # prefill = step 0
+
+        def post(module, args, out):
+            t = self.script[self.step] if self.step < len(self.script) else None
+            if t is not None:
+                out = out.clone()
+                out[:, -1, t] += 1000.0
+            return out
+
+        self.handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+                        model.lm_head.register_forward_hook(post)]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _ids(text: str) -> list[int]:
+    return tok.harmony_encoding().encode(text, allowed_special="all")
+
+
+def test_transformers_backend_writes_start_assistant_after_end(tiny_model):
+    """A model that never learned ``<|start|>assistant`` still yields a well-formed two-message turn:
+    the backend writes the pair after ``<|end|>``, and ChatGptOss (what ``ossforge chat`` uses) parses
+    the reasoning and the final answer. Without the continuation the same model derails."""
+    from ossforge.finetune.harmony import ASSISTANT
+
+    analysis = _ids("<|channel|>analysis<|message|>Think.<|end|>")
+    final = _ids("<|channel|>final<|message|>Hello there.<|return|>")
+    steer = _Steer(tiny_model, analysis + [None, None] + final)
+    try:
+        backend = TransformersBackend(tiny_model)
+        from ossforge.agents.convert import render_prompt
+
+        prompt = render_prompt([HumanMessage("hi")], None, "low")
+        out = list(backend.generate(prompt, max_tokens=40))
+        assert out == analysis + [tok.START, ASSISTANT] + final  # the inserted pair is kept in the stream
+        msg = ChatGptOss(backend=backend, max_tokens=40).invoke([HumanMessage("hi")])
+        assert msg.content == "Hello there." and msg.additional_kwargs["reasoning_content"] == "Think."
+        assert msg.response_metadata["finish_reason"] == "stop"
+        assert msg.usage_metadata["output_tokens"] == len(out)
+
+        backend.continue_messages = False  # the model alone: after <|end|> it goes on with <|channel|>
+        raw = list(backend.generate(prompt, max_tokens=40))
+        assert raw[len(analysis):len(analysis) + 2] != [tok.START, ASSISTANT]
+        msg = ChatGptOss(backend=backend, max_tokens=40).invoke([HumanMessage("hi")])
+        assert msg.content != "Hello there."
+    finally:
+        steer.remove()
+
+
+def test_harmony_continuation_ignores_the_prompt():
+    import torch
+
+    from ossforge.agents.backends import HarmonyContinuation
+    from ossforge.finetune.harmony import ASSISTANT
+
+    proc = HarmonyContinuation(prompt_len=2)
+    scores = torch.zeros(3, 201088)
+    ids = torch.tensor([[1, tok.END, 5, tok.END],          # generated ... <|end|> -> <|start|>
+                        [1, 2, tok.END, tok.START],        # generated <|end|><|start|> -> assistant
+                        [tok.END, tok.START, 7, 8]])       # nothing to force
+    out = proc(ids, scores.clone())
+    assert out[0].argmax() == tok.START and torch.isinf(out[0]).sum() == 201087
+    assert out[1].argmax() == ASSISTANT and torch.isinf(out[1]).sum() == 201087
+    assert torch.equal(out[2], scores[2])
+    assert torch.equal(HarmonyContinuation(prompt_len=4)(ids, scores.clone()), scores)  # nothing generated yet
+    # <|end|> in the prompt, <|start|> generated (eval's "another call?" probe): the model decides
+    assert torch.equal(HarmonyContinuation(prompt_len=3)(ids[1:2], scores[:1].clone()), scores[:1])
+
+
 def test_chat_cli_scripted(tmp_path):
     script = tmp_path / "script.json"
     script.write_text(json.dumps([CALL, "<|channel|>analysis<|message|>SECRET<|end|><|start|>assistant"
