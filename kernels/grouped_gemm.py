@@ -283,6 +283,8 @@ def expert_matmul(x, w, routing: Routing, *, gather: bool = False, bias=None,
 def expert_tn(left, right, routing: Routing, *, gather_left: bool = False, gather_right: bool = False):
     """Triton version of :func:`ossforge.kernels.reference.expert_tn` (fp32 accumulate, [E, P, Q])."""
     p, q = left.shape[-1], right.shape[-1]
+    if routing.num_tokens * routing.top_k == 0:  # no rows (e.g. an EP rank that got no tokens): no launch
+        return left.new_zeros(routing.num_experts, p, q)
     out = left.new_empty(routing.num_experts, p, q)
 
     def grid(meta):

@@ -65,7 +65,7 @@ class MoeLoraFunction(torch.autograd.Function):
             lora2 = LoraFactors(a.transpose(1, 2), b.transpose(1, 2), s2)
         h, act, xl1 = ops.expert_matmul(x, w1, routing, gather=True, bias=b1, lora=lora1, swiglu_out=True)
         y_slots, _, xl2 = ops.expert_matmul(act, w2, routing, bias=b2, lora=lora2, row_scale=w_rows, scatter=True)
-        out = y_slots.view(num_tokens, top_k, -1).sum(1)
+        out = y_slots.view(num_tokens, top_k, y_slots.shape[-1]).sum(1)  # explicit width: T may be 0
         ctx.save_for_backward(x, w_rows, h, xl1, xl2, w1, b1, w2, b2, a1, bb1, a2, bb2)
         ctx.routing, ctx.s1, ctx.s2, ctx.backend = routing, s1, s2, backend
         return out
@@ -114,7 +114,7 @@ class MoeLoraFunction(torch.autograd.Function):
             lora1 = LoraFactors(b1v, a1v, s1)
         if need[0] or (a1 is not None and need[7]):
             dx_slots, _, dhb1 = ops.expert_matmul(dh, w1.transpose(1, 2), routing, lora=lora1, scatter=True)
-            grads[0] = dx_slots.view(num_tokens, top_k, -1).sum(1) if need[0] else None
+            grads[0] = dx_slots.view(num_tokens, top_k, dx_slots.shape[-1]).sum(1) if need[0] else None
             if a1 is not None and need[7]:
                 grads[7] = (s1 * ops.expert_tn(dhb1, x, routing, gather_right=True)).reshape_as(a1)
         if a1 is not None and need[8]:
@@ -131,6 +131,9 @@ class MoeLoraFunction(torch.autograd.Function):
 def moe_lora(x, router_weight, router_index, gate_up, gate_up_bias, down, down_bias,
              gate_up_lora=None, down_lora=None, backend: str | None = None):
     """Output [T, H] of the gpt-oss experts for ``x [T, H]`` routed by ``router_index/weight [T, k]``.
+
+    T may be 0 (an expert-parallel rank that received no tokens): the output is [0, H] and the gradients are
+    well defined (dX [0, H], zero LoRA and expert gradients).
 
     ``gate_up_lora`` / ``down_lora``: ``(lora_A.weight, lora_B.weight, scaling)`` in peft's layout, or None.
     """

@@ -217,3 +217,20 @@ def test_fuse_moe_triton_backend_matches_stock_peft():
         results.append([out.logits.detach()] + [p.grad for p in m.parameters() if p.requires_grad])
     for g, r in zip(results[1], results[0]):
         _close(g, r, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_moe_lora_zero_tokens(backend):
+    """T=0 (an expert-parallel rank that received no rows): [0, H] out, [0, .] input grads, zero weight grads."""
+    idx, params = _layer(0, 2, "random")
+    got = _run(backend, idx, params, _rand(0, 21, seed=97))
+    assert got[0].shape == (0, 21) and got[0].requires_grad
+    assert got[1].shape == (0, 21) and got[2].shape == (0, 2)
+    for g, p in zip(got[3:], params[2:]):
+        assert g.shape == p.shape and g.dtype == p.dtype and not g.any()
+    x, rw, w1, b1, w2, b2, a1, bb1, a2, bb2 = params
+    for p in params:
+        p.grad = None
+    out = moe_lora(x, rw, idx, w1, b1, w2, b2, (a1, bb1, 0.7), (a2, bb2, 1.3), backend=backend)
+    out.sum().backward()  # the usual .backward() route fills .grad with zeros
+    assert all(p.grad is not None and not p.grad.any() for p in (a1, bb1, a2, bb2))
