@@ -83,6 +83,7 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
+    fused_moe: bool = True  # run MoE layers on ossforge.model.fuse_moe kernels (same results, faster)
     router_aux_loss_coef: float = Field(0.0, ge=0)
     log_every: int = Field(1, gt=0)
     eval_every: int = Field(0, ge=0)  # 0: only at the end

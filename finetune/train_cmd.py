@@ -31,5 +31,5 @@ def run(args: argparse.Namespace) -> int:
         return launch(args, config)
     from ossforge.finetune.trainer import train
 
-    train(config, resume=args.resume, config_path=args.config)
-    return 0
+    result = train(config, resume=args.resume, config_path=args.config)
+    return 130 if result.interrupted else 0

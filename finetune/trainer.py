@@ -1,7 +1,507 @@
-"""DeepSpeed LoRA trainer (not built yet)."""
+"""LoRA fine-tuning of gpt-oss on DeepSpeed.
 
-from ossforge.errors import UserError
+The model is prepared by a sequence of small steps, each a function below::
+
+    build_model -> apply_lora -> prepare_modules (grad checkpointing, fuse_moe)
+        -> [expert parallelism] -> initialize_engine (deepspeed.initialize)
+
+and the training step fits on one screen (:func:`train_step`). On CPU it runs as a single gloo
+process in fp32; on GPUs in bf16, one process per GPU (started by the DeepSpeed launcher).
+
+Resume is exact: the data order is a pure function of ``(training.seed, micro-batch index)``, the LR
+schedule and optimizer state live in the DeepSpeed checkpoint, and the RNG state travels in its
+client state. Ctrl-C stops after the current step, saves a checkpoint and the adapter, and exits.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ossforge.errors import UserError, where
+from ossforge.finetune.lora import apply_lora, peft_config, summarize
+from ossforge.finetune.expert_parallel import apply_expert_parallel, ep_independent, optimizer_param_groups
+from ossforge.finetune.plan import check_topology
+from ossforge.finetune.run_dir import RunDir, save_adapter, unwrap
+from ossforge.model.tokenizer import PAD
+
+IGNORE = -100
 
 
-def train(config, resume=False, config_path=None):
-    raise UserError(f"{config_path}: training is not implemented yet")
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    train: list[dict]
+    eval: list[dict]
+    train_stats: object
+    eval_stats: object | None
+
+
+def load_data(config) -> Data:
+    """Render train (and eval) sets; every data error surfaces here, before any model is built."""
+    from ossforge.finetune.data import build_examples
+
+    d, t = config.data, config.training
+    train, train_stats = build_examples(d.train, t.seq_len, drop_analysis=d.drop_analysis, packing=d.packing)
+    evals, eval_stats = [], None
+    if d.eval:
+        evals, eval_stats = build_examples(d.eval, t.seq_len, drop_analysis=d.drop_analysis, packing=d.packing)
+    return Data(train, evals, train_stats, eval_stats)
+
+
+class Batches:
+    """Micro-batch ``m`` of the run: a pure function of (seed, m), so resume sees the same order.
+
+    Each epoch is a fresh seeded permutation of the examples, cut into micro-batches (a last
+    partial micro-batch is dropped unless the whole set is smaller than one micro-batch). With
+    several data-parallel ranks, rank ``r`` takes global micro-batch ``m * world + r``.
+    """
+
+    def __init__(self, examples: list[dict], micro_batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.examples, self.size, self.seed, self.rank, self.world = examples, micro_batch_size, seed, rank, world
+        self.per_epoch = max(1, len(examples) // micro_batch_size)
+        self._order: tuple[int, list[int]] | None = None
+
+    def indices(self, m: int) -> list[int]:
+        epoch, b = divmod(m * self.world + self.rank, self.per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.examples), generator=gen).tolist())
+        return self._order[1][b * self.size:(b + 1) * self.size]
+
+    def get(self, m: int, device) -> dict:
+        return collate([self.examples[i] for i in self.indices(m)], device)
+
+
+def collate(examples: list[dict], device) -> dict:
+    """Right-pad to the longest example: pad id, label -100, attention mask 0."""
+    length = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), length), PAD, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+# ----------------------------------------------------------------------------- model preparation
+
+
+def pick_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def setup_distributed(device: torch.device) -> None:
+    """``deepspeed.init_distributed``; a run started without a launcher is a single rank on a free port."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def build_model(config, device: torch.device, dtype: torch.dtype, run: RunDir, resume: bool):
+    """The base ``GptOssForCausalLM``; a random-initialised preset is also saved to ``base/``.
+
+    Returns ``(model, base_path)``: where the base lives, recorded in the adapter config.
+    """
+    from transformers.utils import logging as hf_logging
+
+    from ossforge.model.checkpoint import load_model, save_base
+
+    hf_logging.disable_progress_bar()  # one progress bar on screen: training's
+    model = load_model(config.model, dtype=dtype, device=str(device))
+    if config.model.preset:
+        if not (resume and (run.base_dir / "config.json").is_file()):
+            save_base(model, run.base_dir)
+        return model, str(run.base_dir.resolve())
+    return model, str(Path(config.model.path).resolve())
+
+
+def prepare_modules(model, config):
+    """Training-time switches on the peft model: gradient checkpointing, fused MoE kernels."""
+    if config.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.training.fused_moe:
+        from ossforge.model import fuse_moe
+
+        fuse_moe(model)
+    model.train()
+    return model
+
+
+def lr_lambda(training):
+    """LR multiplier for optimizer step ``s``: linear warmup, then cosine / linear decay or constant."""
+    warmup, total, kind = training.warmup_steps, training.max_steps, training.lr_scheduler
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return factor
+
+
+def deepspeed_config(config, dtype: torch.dtype, config_path) -> dict:
+    """The ``deepspeed`` section completed from ``training``; contradictions are config errors."""
+    t = config.training
+    ds = copy.deepcopy(config.deepspeed)
+    owned = {
+        "train_micro_batch_size_per_gpu": (t.micro_batch_size, "training.micro_batch_size"),
+        "gradient_accumulation_steps": (t.grad_accum, "training.grad_accum"),
+        "gradient_clipping": (t.max_grad_norm, "training.max_grad_norm"),
+    }
+    for key, (value, ours) in owned.items():
+        if key in ds and ds[key] != value:
+            raise UserError(f"{where(config_path, 'deepspeed.' + key)}: {ds[key]} contradicts {ours}={value} "
+                            f"(set it under training:)")
+        ds[key] = value
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if "train_batch_size" in ds and ds["train_batch_size"] != t.micro_batch_size * t.grad_accum * world:
+        raise UserError(f"{where(config_path, 'deepspeed.train_batch_size')}: {ds['train_batch_size']} != "
+                        f"micro_batch_size x grad_accum x world size ({t.micro_batch_size} x {t.grad_accum} x {world})")
+    zero = ds.setdefault("zero_optimization", {})
+    zero.setdefault("stage", 0)
+    if dtype == torch.bfloat16:
+        ds.setdefault("bf16", {"enabled": True})
+    if zero["stage"] > 0 and "optimizer" not in ds:
+        ds.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW under ZeRO
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def initialize_engine(model, config, ds: dict):
+    """``deepspeed.initialize`` with torch AdamW (no op build needed) and the LR schedule.
+
+    A ``deepspeed.optimizer`` / ``deepspeed.scheduler`` section replaces ours.
+    """
+    import deepspeed
+
+    t = config.training
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = None
+    if "optimizer" not in ds:
+        optimizer = torch.optim.AdamW(optimizer_param_groups(model), lr=t.lr, weight_decay=t.weight_decay,
+                                      betas=(0.9, 0.999))  # expert LoRA in its own group (EP-independent)
+    scheduler = None
+    if "scheduler" not in ds:
+        factor = lr_lambda(t)
+
+        def scheduler(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds)
+    return engine
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def compute_loss(model, batch: dict, aux_coef: float = 0.0):
+    """Mean next-token loss over trained (label != -100) tokens, plus the optional router aux loss.
+
+    Logits are computed only where a label is due (``logits_to_keep`` mask): with a 201k vocabulary
+    the LM head dominates a small model, and most tokens (system, user, tool output) carry no loss.
+    """
+    labels = batch["labels"]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                output_router_logits=aux_coef > 0, use_cache=False)
+    targets = labels[:, 1:][keep[:, :-1]]
+    loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets, reduction="sum")
+    loss = loss / max(1, targets.numel())
+    if aux_coef > 0 and out.aux_loss is not None:
+        loss = loss + aux_coef * out.aux_loss.to(loss.dtype)
+    return loss
+
+
+def train_step(engine, batches: Batches, step: int, config, device, load) -> tuple[float, int]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, tokens seen)."""
+    accum = config.training.grad_accum
+    losses, tokens = [], 0
+    for a in range(accum):
+        batch = batches.get(step * accum + a, device)
+        load.active = batch["attention_mask"]
+        loss = compute_loss(engine, batch, config.training.router_aux_loss_coef)
+        load.active = None
+        engine.backward(loss)
+        engine.step()  # DeepSpeed applies the update (clip, optimizer, LR schedule) on the last micro-batch
+        losses.append(loss.item())
+        tokens += int(batch["attention_mask"].sum())
+    return sum(losses) / len(losses), tokens
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[dict], micro_batch_size: int, device) -> float:
+    """Token-weighted mean loss over an example set."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), micro_batch_size):
+        batch = collate(examples[i:i + micro_batch_size], device)
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())
+        total += compute_loss(model, batch).item() * n
+        count += n
+    model.train(was_training)
+    return total / max(1, count)
+
+
+class ExpertLoad:
+    """Tokens routed to each expert of each layer since the last read (forward hooks on the routers)."""
+
+    def __init__(self, model):
+        self.active = None  # attention mask of the batch being counted; None: not counting
+        self.counts: dict[int, torch.Tensor] = {}
+        for name, module in model.named_modules():
+            if type(module).__name__ == "GptOssTopKRouter":
+                layer = int(name.split("layers.")[1].split(".")[0])
+                module.register_forward_hook(self._hook(layer, module.num_experts))
+
+    def _hook(self, layer: int, num_experts: int):
+        def hook(module, inputs, output):
+            if self.active is None:
+                return  # eval, or recomputation under gradient checkpointing
+            indices = output[2].detach()
+            mask = self.active.reshape(-1).bool()
+            if indices.shape[0] == mask.numel():
+                indices = indices[mask]
+            counts = torch.bincount(indices.reshape(-1).cpu(), minlength=num_experts)
+            self.counts[layer] = self.counts.get(layer, 0) + counts
+
+        return hook
+
+    def read(self) -> list[list[float]]:
+        """Per layer, each expert's share of the routed token slots (1/E each when balanced)."""
+        out = []
+        for layer in sorted(self.counts):
+            c = self.counts[layer].double()
+            out.append([round(x, 4) for x in (c / c.sum().clamp(min=1)).tolist()])
+        self.counts = {}
+        return out
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    eval_loss: float | None = None
+    interrupted: bool = False
+
+
+class _StopFlag:
+    """Ctrl-C sets a flag the loop checks between steps; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.stop = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def resolved_yaml(config) -> str:
+    """``config.yaml`` of the run: the validated config with absolute data/model paths."""
+    resolved = config.model_copy(deep=True)
+    for section, key in (("data", "train"), ("data", "eval"), ("model", "path")):
+        value = getattr(getattr(resolved, section), key)
+        if value is not None:
+            setattr(getattr(resolved, section), key, str(Path(value).resolve()))
+    return resolved.to_yaml()
+
+
+def _client_state(step: int) -> dict:
+    state = {"step": step, "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print_summary(config, model, data: Data, engine, device, dtype, resumed_from: str | None, run: RunDir) -> None:
+    t, m = config.training, model.config
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    lora = summarize(model)
+    source = f"{config.model.preset} (random init, seed {config.model.init_seed})" if config.model.preset else config.model.path
+    per_step = t.micro_batch_size * t.grad_accum * world
+    epochs = t.max_steps * per_step / max(1, len(data.train))
+    stage = engine.zero_optimization_stage()
+    lines = [
+        f"ossforge train -> {run.path}" + (f" (resuming from {resumed_from})" if resumed_from else ""),
+        f"  model      {source}: {m.num_hidden_layers} layers, {m.num_local_experts} experts (top-{m.num_experts_per_tok}), "
+        f"hidden {m.hidden_size}, vocab {m.vocab_size:,}; {str(dtype).replace('torch.', '')} on {device.type}",
+        f"  LoRA       r={config.lora.r} alpha={config.lora.alpha:g}: {lora.line()}",
+        f"  train      {config.data.train}: {data.train_stats.summary()}",
+    ]
+    if data.eval_stats is not None:
+        lines.append(f"  eval       {config.data.eval}: {data.eval_stats.summary()}")
+    lines += [
+        f"  batch      {t.micro_batch_size} micro x {t.grad_accum} accum x {world} ranks = {per_step} sequences/step; "
+        f"{t.max_steps} steps = {epochs:.2f} epochs",
+        f"  optimizer  {'AdamW' if 'optimizer' not in config.deepspeed else config.deepspeed['optimizer'].get('type')} "
+        f"lr {t.lr:g}, {t.lr_scheduler} schedule, warmup {t.warmup_steps}, clip {t.max_grad_norm:g}, weight decay {t.weight_decay:g}",
+        f"  engine     DeepSpeed ZeRO-{stage}, fused MoE {'on' if t.fused_moe else 'off'}, gradient checkpointing "
+        f"{'on' if t.gradient_checkpointing else 'off'}, router aux loss {t.router_aux_loss_coef:g}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def train(config, resume: bool = False, config_path=None, stop_after: int | None = None) -> TrainResult:
+    """Fine-tune per ``config``; ``stop_after`` stops (like Ctrl-C) after that many steps of this run."""
+    from ossforge.model.checkpoint import resolve_dtype
+
+    t = config.training
+    run = RunDir(config.output_dir)
+    resume_tag = run.check_resumable() if resume else None
+    device = pick_device()
+    dtype = resolve_dtype(config.model.dtype, device.type)
+    ds_config = deepspeed_config(config, dtype, config_path)
+    peft_config(config.lora, 0)  # raises on an empty LoRA
+    check_topology(config, int(os.environ.get("WORLD_SIZE", 1)), config_path, "start with --nproc N")
+    data = load_data(config)  # all user errors are raised by now; nothing written yet
+    setup_distributed(device)
+
+    run.start(resolved_yaml(config), resume)
+    model, base_path = build_model(config, device, dtype, run, resume)
+    torch.manual_seed(t.seed)  # LoRA initialisation
+    model = apply_lora(model, config.lora, base_path)
+    model = prepare_modules(model, config)
+    apply_expert_parallel(model, config.parallel.expert_parallel_size)  # shard experts before deepspeed.initialize
+    engine = initialize_engine(model, config, ds_config)
+    load = ExpertLoad(model)
+    batches = Batches(data.train, t.micro_batch_size, t.seed, engine.global_rank, engine.world_size)
+
+    step = 0
+    if resume_tag:
+        with ep_independent(engine):  # checkpoints hold full experts: resume at any EP size
+            state = run.load_checkpoint(engine, resume_tag)
+        step = int(state.get("step", 0))
+        _restore_rng(state)
+        run.truncate_metrics(step)
+    with _StopFlag() as flag:
+        result = _loop(config, run, engine, data, batches, load, device, step, resume_tag, flag, stop_after, dtype)
+    if _rank0():
+        run.plot_loss()
+        _print_end(run, result)
+    return result
+
+
+def _loop(config, run, engine, data, batches, load, device, step, resume_tag, flag, stop_after, dtype) -> TrainResult:
+    """Summary, then steps until max_steps or a stop; logs, evaluates and saves as configured."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    t, rank0 = config.training, _rank0()
+    if rank0:
+        print_summary(config, unwrap(engine), data, engine, device, dtype, resume_tag, run)
+    writer = SummaryWriter(str(run.tensorboard_dir), purge_step=step + 1 if resume_tag else None) if rank0 else None
+    result = TrainResult(run.path, step)
+    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not rank0, dynamic_ncols=True)
+    window, window_tokens, window_start = [], 0, time.perf_counter()
+    start_step = step
+    while step < t.max_steps:
+        lr = engine.get_lr()[0]
+        loss, tokens = train_step(engine, batches, step, config, device, load)
+        step += 1
+        window.append(loss)
+        window_tokens += tokens
+        result.losses.append(loss)
+        elapsed = time.perf_counter() - window_start
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / max(elapsed / len(window), 1e-9):.0f}")
+        bar.update(1)
+        record = None
+        if step % t.log_every == 0 or step == t.max_steps:
+            record = {"step": step, "loss": round(sum(window) / len(window), 6), "lr": lr,
+                      "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1), "tokens": window_tokens,
+                      "expert_load": load.read()}
+            window, window_tokens, window_start = [], 0, time.perf_counter()
+        if data.eval and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
+            record = record or {"step": step}
+            record["eval_loss"] = result.eval_loss = round(evaluate_loss(unwrap(engine), data.eval, t.micro_batch_size, device), 6)
+            bar.write(f"step {step}: eval loss {record['eval_loss']:.4f}")
+        if record and rank0:
+            run.append_metrics(record)
+            for key in ("loss", "lr", "tokens_per_s", "eval_loss"):
+                if key in record:
+                    writer.add_scalar("eval/loss" if key == "eval_loss" else f"train/{key}", record[key], step)
+        stopping = flag.stop or (stop_after is not None and step - start_step >= stop_after)
+        if (t.save_every and step % t.save_every == 0) or step == t.max_steps or stopping:
+            with ep_independent(engine):  # gather sharded experts: files as at EP=1
+                run.save_checkpoint(engine, step, _client_state(step))
+                if rank0:
+                    save_adapter(engine, run.adapter_dir)
+        if stopping:
+            result.interrupted = True
+            break
+    bar.close()
+    result.steps = step
+    if writer is not None:
+        writer.close()
+    return result
+
+
+def _print_end(run: RunDir, result: TrainResult) -> None:
+    records = run.read_metrics()
+    losses = [r["loss"] for r in records if "loss" in r]
+    lines = []
+    if result.interrupted:
+        lines.append(f"stopped at step {result.steps}; continue with: ossforge train CONFIG --resume")
+    if losses:
+        drop = 100 * (losses[0] - losses[-1]) / losses[0] if losses[0] else 0.0
+        lines.append(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} ({drop:.0f}% lower) over {result.steps} steps")
+    if result.eval_loss is not None:
+        lines.append(f"eval loss {result.eval_loss:.4f}")
+    lines.append(f"adapter: {run.adapter_dir}  metrics: {run.metrics_file}  curve: {run.loss_png}")
+    print("\n".join(lines), flush=True)

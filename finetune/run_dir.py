@@ -1,0 +1,191 @@
+"""The run directory (``output_dir``, DESIGN §3) and its crash-safe writes.
+
+::
+
+    config.yaml           resolved config of the run
+    metrics.jsonl         one JSON object per logged step (step, loss, lr, tokens_per_s, ...)
+    adapter/              peft adapter: adapter_config.json + adapter_model.safetensors
+    base/                 the random-initialised base model (preset runs only), HF folder
+    checkpoints/          DeepSpeed checkpoints (step-N/ and ``latest``) for --resume
+    tensorboard/          TensorBoard event files
+    loss.png              loss curve, drawn at the end
+
+Every file is written to a temporary name and renamed into place, so a killed run leaves the
+previous version of each file whole. DeepSpeed writes ``checkpoints/latest`` only after the new
+checkpoint is complete, and older checkpoints are pruned only after that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ossforge.errors import UserError
+
+KEEP_CHECKPOINTS = 2
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def unwrap(model_or_engine):
+    """The peft model inside a DeepSpeed engine (or the model itself)."""
+    return getattr(model_or_engine, "module", model_or_engine)
+
+
+def save_adapter(model_or_engine, out_dir: str | Path) -> Path:
+    """Save the LoRA adapter in peft format, replacing ``out_dir``'s files atomically one by one.
+
+    The adapter is first written completely to a temp folder beside ``out_dir``; only then is each
+    file renamed into ``out_dir``. A crash at any point leaves every file of ``out_dir`` either the
+    old or the new complete version (the config is the same within a run, the weights one file).
+    Expert parallelism gathers the sharded expert LoRA here before writing.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        unwrap(model_or_engine).save_pretrained(str(staging), safe_serialization=True)
+        out.mkdir(exist_ok=True)
+        # config first, weights last: both are whole at every instant.
+        names = sorted(p.name for p in staging.iterdir())
+        names.sort(key=lambda n: n.endswith(".safetensors"))
+        for name in names:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+class RunDir:
+    """Paths and writes of one run's output folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config_file = self.path / "config.yaml"
+        self.metrics_file = self.path / "metrics.jsonl"
+        self.adapter_dir = self.path / "adapter"
+        self.base_dir = self.path / "base"
+        self.checkpoints_dir = self.path / "checkpoints"
+        self.tensorboard_dir = self.path / "tensorboard"
+        self.loss_png = self.path / "loss.png"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def check_resumable(self) -> str:
+        """Tag of the newest complete checkpoint; UserError when there is none."""
+        tag = self.latest_checkpoint()
+        if tag is None:
+            raise UserError(f"{self.path}: --resume: no checkpoint to resume from "
+                            f"(expected {self.checkpoints_dir}/latest); start without --resume")
+        return tag
+
+    def start(self, config_yaml: str, resume: bool) -> None:
+        """Create the folder and write ``config.yaml``; a fresh run clears an old run's history."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for stale in (self.checkpoints_dir, self.tensorboard_dir):
+                shutil.rmtree(stale, ignore_errors=True)
+            self.metrics_file.unlink(missing_ok=True)
+            self.loss_png.unlink(missing_ok=True)
+        atomic_write_text(self.config_file, config_yaml)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def latest_checkpoint(self) -> str | None:
+        latest = self.checkpoints_dir / "latest"
+        if not latest.is_file():
+            return None
+        tag = latest.read_text().strip()
+        return tag if (self.checkpoints_dir / tag).is_dir() else None
+
+    def save_checkpoint(self, engine, step: int, client_state: dict) -> str:
+        """DeepSpeed checkpoint of the trainable state (LoRA, optimizer, LR schedule) + client state."""
+        tag = f"step-{step}"
+        if self.latest_checkpoint() == tag:
+            return tag  # already saved at this step (e.g. Ctrl-C right after a periodic save)
+        engine.save_checkpoint(str(self.checkpoints_dir), tag=tag, client_state=client_state,
+                               exclude_frozen_parameters=True)
+        self._prune(keep=tag)
+        return tag
+
+    def load_checkpoint(self, engine, tag: str) -> dict:
+        path, client_state = engine.load_checkpoint(str(self.checkpoints_dir), tag=tag, load_module_strict=False)
+        if path is None:
+            raise UserError(f"{self.checkpoints_dir / tag}: cannot load checkpoint")
+        return client_state or {}
+
+    def _prune(self, keep: str) -> None:
+        tags = sorted((p for p in self.checkpoints_dir.glob("step-*") if p.is_dir()),
+                      key=lambda p: int(p.name.split("-")[1]))
+        for old in tags[:-KEEP_CHECKPOINTS]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_file.is_file():
+            return []
+        out = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+        return out
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """On resume: drop records logged after the checkpoint, so the file has each step once."""
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= last_step]
+        atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def plot_loss(self) -> Path | None:
+        """``loss.png``: training (and eval) loss against step."""
+        records = self.read_metrics()
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+        if not train:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(*zip(*train), label="train loss")
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(self.path.name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.loss_png.with_name(".loss.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.loss_png)
+        return self.loss_png

@@ -1,0 +1,158 @@
+"""ossforge plan: per-GPU memory arithmetic, EP x DP layout, topology errors; the shipped H100 configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_cli
+
+
+def write_config(tmp_path: Path, preset: str, ep: int, **training) -> Path:
+    cfg = {"model": {"preset": preset}, "data": {"train": "missing.jsonl"},  # plan never reads data
+           "lora": {"r": 16, "alpha": 32},
+           "training": {"micro_batch_size": 1, "seq_len": 2048, "gradient_checkpointing": True, **training},
+           "parallel": {"expert_parallel_size": ep}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def plan_json(*args) -> dict:
+    proc = run_cli("plan", *map(str, args), "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_120b_fits_on_8_h100_with_ep8_not_on_one(tmp_path):
+    cfg = write_config(tmp_path, "gpt-oss-120b", 8)
+    p = plan_json(cfg, "--gpus", 8, "--gpu-mem-gib", 80)
+    assert p["fits"] is True and p["ep"] == 8 and p["dp"] == 1
+    assert 29.5 <= p["weights_gib"] <= 32.5  # ~31 GiB of bf16 weights per GPU instead of ~218
+    assert p["weights_gib"] < p["per_gpu_gib"] <= 80
+    single = plan_json(cfg, "--set", "parallel.expert_parallel_size=1", "--gpus", 1)
+    assert single["fits"] is False and single["ep"] == 1
+    assert 210 <= single["weights_gib"] <= 225
+    assert 116e9 <= single["total_params"] <= 118e9
+
+
+def test_20b_fits_on_one_gpu_and_ep_dp_layout(tmp_path):
+    cfg = write_config(tmp_path, "gpt-oss-20b", 1)
+    p = plan_json(cfg, "--gpus", 1)
+    assert p["fits"] and 38 <= p["weights_gib"] <= 40 and 20e9 <= p["total_params"] <= 22e9
+    four = plan_json(cfg, "--set", "parallel.expert_parallel_size=4", "--gpus", 8)
+    assert (four["ep"], four["dp"]) == (4, 2)
+    # Experts shard over EP, non-expert weights do not.
+    assert four["weights_expert_gib"] == pytest.approx(p["weights_expert_gib"] / 4, rel=0.01)
+    assert four["weights_dense_gib"] == p["weights_dense_gib"]
+    assert four["all_to_all_gib_per_step"] > 0 == p["all_to_all_gib_per_step"]
+
+
+def test_estimate_responds_to_batch_and_checkpointing(tmp_path):
+    base = plan_json(write_config(tmp_path, "gpt-oss-20b", 1))
+    big = plan_json(write_config(tmp_path, "gpt-oss-20b", 1, micro_batch_size=4))
+    assert big["activations_gib"] == pytest.approx(4 * base["activations_gib"], rel=0.01)
+    no_ckpt = plan_json(write_config(tmp_path, "gpt-oss-20b", 1, gradient_checkpointing=False))
+    assert no_ckpt["activations_gib"] > base["activations_gib"] + 4  # 24 layers of saved activations
+    assert plan_json(write_config(tmp_path, "gpt-oss-20b", 1), "--gpu-mem-gib", 20)["fits"] is False
+
+
+def test_text_report(tmp_path):
+    proc = run_cli("plan", str(write_config(tmp_path, "gpt-oss-120b", 8)), "--gpus", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert "EP 8 x DP 1" in proc.stdout and "FITS" in proc.stdout and "weights" in proc.stdout
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--gpus", "12"], "parallel.expert_parallel_size: 8 does not divide the world size 12"),
+    (["--set", "parallel.expert_parallel_size=3"], "parallel.expert_parallel_size: 3 does not divide"),
+    (["--gpus", "0"], "--gpus: must be >= 1"),
+])
+def test_bad_topology_exits_2_naming_the_field(tmp_path, args, field):
+    cfg = write_config(tmp_path, "gpt-oss-120b", 8)
+    proc = run_cli("plan", str(cfg), *args)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {cfg}: ") and field in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_train_rejects_bad_topology_before_launching(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("")
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "data": {"train": str(data)},
+                                   "parallel": {"expert_parallel_size": 2}, "output_dir": str(tmp_path / "run")}))
+    proc = run_cli("train", str(cfg), "--nproc", "3")
+    assert proc.returncode == 2 and "does not divide the world size 3 (--nproc)" in proc.stderr
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# nodes\nnode-a slots=8\nnode-b slots8\n")
+    proc = run_cli("train", str(cfg), "--hostfile", str(hostfile))
+    assert proc.returncode == 2 and f"error: {hostfile}:3: expected 'HOST slots=N'" in proc.stderr
+    assert not (tmp_path / "run").exists() and "launching" not in proc.stderr
+
+
+@pytest.mark.parametrize("name, gpus, fits", [
+    ("medicine-20b.yaml", 1, True),
+    ("education-20b.yaml", 1, True),
+    ("medicine-120b-8xh100.yaml", 8, True),
+    ("medicine-120b-2x8xh100.yaml", 16, True),
+])
+def test_shipped_configs_match_their_plan_comment(name, gpus, fits):
+    path = REPO / "configs" / name
+    p = plan_json(path, "--gpus", gpus)
+    assert p["fits"] is fits
+    # The header comment quotes the plan: "per GPU ~NN GiB" must be within 1 GiB of today's estimate.
+    text = path.read_text()
+    quoted = float(text.split("per GPU ~", 1)[1].split(" GiB", 1)[0])
+    assert abs(quoted - p["per_gpu_gib"]) <= 1.0, (quoted, p["per_gpu_gib"])
+
+
+def test_parameter_arithmetic_matches_real_models(tmp_path):
+    """The planner's counts equal a built tiny gpt-oss and its peft LoRA (full and one EP shard)."""
+    from peft import LoraConfig, get_peft_model
+
+    from ossforge.finetune.config import load_config
+    from ossforge.finetune.plan import arch_of, make_plan
+    from ossforge.model.presets import build_random
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "data": {"train": "x.jsonl"},
+                                    "lora": {"r": 4}, "parallel": {"expert_parallel_size": 2}}))
+    config = load_config(path, check_files=False)
+    plan = make_plan(config, path, gpus=2)
+    model = build_random("tiny", seed=0)
+    assert plan.total_params == sum(p.numel() for p in model.parameters())
+    _, arch = arch_of(config, path)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert arch.layers * arch.expert_params_per_layer() == experts
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=config.lora.targets,
+                                             target_parameters=[f"mlp.experts.{t}" for t in config.lora.expert_targets]))
+    lora = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert plan.lora_params_total == sum(lora.values())
+    expert_lora = sum(v for n, v in lora.items() if ".experts." in n)
+    assert plan.lora_params_per_gpu == sum(lora.values()) - expert_lora // 2
+
+
+def test_launcher_command(tmp_path, monkeypatch):
+    """--nproc / --hostfile become DeepSpeed launcher flags; each rank runs `ossforge train` in-process."""
+    import argparse
+
+    from ossforge.finetune.launch import launcher_command, world_size
+
+    monkeypatch.setenv("OSSFORGE_LAUNCHER_ARGS", "--master_addr 10.0.0.1")
+    args = argparse.Namespace(config="c.yaml", overrides=["training.max_steps=5"], nproc=2, hostfile=None, resume=True)
+    cmd = launcher_command(args, 2)
+    assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"] and "--module" in cmd and "--no_local_rank" in cmd
+    assert cmd[cmd.index("--num_gpus") + 1] == "2" and cmd[cmd.index("--master_addr") + 1] == "10.0.0.1"
+    assert cmd[-6:] == ["ossforge", "train", "c.yaml", "--set", "training.max_steps=5", "--resume"]
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node-a slots=8\n\nnode-b slots=8  \n")
+    args = argparse.Namespace(config="c.yaml", overrides=[], nproc=None, hostfile=str(hosts), resume=False)
+    assert world_size(args) == (16, "--hostfile")
+    cmd = launcher_command(args, 16)
+    assert cmd[cmd.index("--hostfile") + 1] == str(hosts.resolve()) and "--num_gpus" not in cmd
+    args.nproc = 4
+    assert world_size(args) == (8, "--hostfile x --nproc")
