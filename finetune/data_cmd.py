@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
+from ossforge import atomic
 from ossforge.errors import UserError
 
 
@@ -70,14 +70,8 @@ def _render(file: str, out: str, config_path: str | None) -> int:
     out_path = Path(out)
     if out_path.is_dir():
         raise UserError(f"{out}: --out is a directory; give a file name")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            for ex in examples:
-                f.write(json.dumps({"input_ids": ex["input_ids"], "labels": ex["labels"]}) + "\n")
-        os.replace(tmp, out_path)  # atomic: readers never see half a file
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic.open_file(out_path) as f:  # readers never see half a file
+        for ex in examples:
+            f.write(json.dumps({"input_ids": ex["input_ids"], "labels": ex["labels"]}) + "\n")
     print(f"{out}: {stats.summary()}")
     return 0

@@ -2,9 +2,12 @@
 
 Loads RUN_DIR's base model and adapter (stock transformers + peft), renders the first user turn of a
 held-out conversation with openai-harmony, and greedily generates the assistant's reply with and
-without the adapter. The harmony output is printed as tokens (``<|channel|>`` ...) and parsed back
-with openai-harmony to tell whether it holds a well-formed tool call. ``--score N`` counts well-formed
-tool calls of both models over N held-out prompts.
+without the adapter, through the agents layer's ``TransformersBackend`` (which writes
+``<|start|>assistant`` after each ``<|end|>``). The harmony output is printed as tokens
+(``<|channel|>`` ...) and parsed back with ``parse_completion``, as an agent would receive it, to tell
+whether it holds a well-formed tool call; calls are checked against the reference with the same
+BFCL-style rules as ``ossforge eval``. ``--score N`` counts well-formed tool calls of both models
+over N held-out prompts.
 
 example:
   ossforge demo runs/quickstart
@@ -38,6 +41,7 @@ class Prompt:
     tools: list[dict]
     effort: str | None
     reference: list[tuple[str, dict]]  # the reference reply's tool calls: (name, arguments)
+    expected: list[dict]  # the same as ground truth for domains.scoring.check_calls
 
 
 @dataclass
@@ -47,12 +51,13 @@ class Reply:
     calls: list[tuple[str, object]]  # parsed tool calls: (name, arguments or None when not JSON)
     addressed: bool  # a harmony message addressed to a known tool (functions.NAME)
     well_formed: bool  # a call to a known tool with a JSON object as arguments
-    matches: bool  # the calls equal the reference calls
+    matches: bool  # the calls match the reference calls (domains.scoring.check_calls)
 
 
 def held_out_prompts(path: str) -> list[Prompt]:
     """Every held-out row that has an assistant reply, cut before that reply."""
     from ossforge.finetune.data import load_rows
+    from ossforge.finetune.domains.scoring import expected_from_calls
     from ossforge.finetune.harmony import call_name_and_args
 
     prompts = []
@@ -61,92 +66,49 @@ def held_out_prompts(path: str) -> list[Prompt]:
         first = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
         if not first:
             continue
+        tool_calls = messages[first].get("tool_calls") or []
         reference = []
-        for call in messages[first].get("tool_calls") or []:
+        for call in tool_calls:
             name, args = call_name_and_args(call)
             reference.append((name, json.loads(args)))
-        prompts.append(Prompt(f"{path}:{line}", messages[:first], row.get("tools") or [], row.get("reasoning_effort"), reference))
+        prompts.append(Prompt(f"{path}:{line}", messages[:first], row.get("tools") or [], row.get("reasoning_effort"),
+                              reference, expected_from_calls(tool_calls)))
     return prompts
 
 
 def render_prompt(prompt: Prompt) -> list[int]:
-    import openai_harmony as oh
+    from ossforge.finetune.evaluate import render_prompt as render
 
-    from ossforge.finetune.harmony import build_conversation
-    from ossforge.model.tokenizer import harmony_encoding
-
-    convo = build_conversation(prompt.messages, prompt.tools, prompt.effort)
-    return [int(t) for t in harmony_encoding().render_conversation_for_completion(convo, oh.Role.ASSISTANT)]
+    return render(prompt.messages, prompt.tools, prompt.effort)
 
 
-def generate(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation until a tool call (``<|call|>``) or the final answer (``<|return|>``).
-
-    When a message ends (``<|end|>``, e.g. after the reasoning) the next message header
-    ``<|start|>assistant`` is appended, as a harmony inference stack does: training labels start
-    after that pair (DESIGN §3), so the model learns what follows it, not the header itself.
-    """
-    import torch
-
-    from ossforge.finetune.harmony import ASSISTANT
-    from ossforge.model import tokenizer as tok
-
-    new: list[int] = []
-    while len(new) < max_new_tokens:
-        ids = torch.tensor([prompt_ids + new])
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=max_new_tokens - len(new), do_sample=False, use_cache=True,
-                                 eos_token_id=[tok.END, tok.CALL, tok.RETURN], pad_token_id=tok.PAD)
-        new += out[0, ids.shape[1]:].tolist()
-        if not new or new[-1] != tok.END or len(new) + 2 >= max_new_tokens:
-            break
-        new += [tok.START, ASSISTANT]
-    return new
+def generate(backend, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation until a tool call (``<|call|>``) or the final answer (``<|return|>``)."""
+    return list(backend.generate(prompt_ids, max_tokens=max_new_tokens, temperature=0.0))
 
 
 def read_reply(tokens: list[int], prompt: Prompt) -> Reply:
-    """Parse generated tokens with openai-harmony; collect tool calls and whether they are usable."""
-    import openai_harmony as oh
+    """Parse generated tokens as the agents layer does; collect tool calls and whether they are usable."""
+    from ossforge.agents.parsing import parse_completion
+    from ossforge.finetune.domains.scoring import check_calls
+    from ossforge.model.tokenizer import decode
 
-    from ossforge.model.tokenizer import decode, harmony_encoding
-
-    calls = []
-    try:
-        messages = harmony_encoding().parse_messages_from_completion_tokens(tokens, oh.Role.ASSISTANT)
-    except Exception:  # not valid harmony: no usable call
-        messages = []
-    for msg in messages:
-        recipient = msg.recipient or ""
-        if not recipient.startswith("functions."):
-            continue
-        text = "".join(getattr(c, "text", "") for c in msg.content)
-        try:
-            args = json.loads(text)
-        except json.JSONDecodeError:
-            args = None
-        calls.append((recipient[len("functions."):], args))
-    known = {t.get("name") for t in prompt.tools}
+    known = [t.get("name") for t in prompt.tools]
+    msg = parse_completion(tokens, known)
+    calls = [(c["name"], c["args"]) for c in msg.tool_calls]
+    calls += [(c.get("name"), _json_or_none(c.get("args"))) for c in msg.invalid_tool_calls]
     addressed = any(name in known for name, _ in calls)
-    well_formed = bool(calls) and all(name in known and isinstance(args, dict) for name, args in calls)
-    matches = well_formed and _same_calls(calls, prompt.reference)
+    well_formed = bool(msg.tool_calls) and not msg.invalid_tool_calls
+    matches = well_formed and check_calls([{"name": n, "args": a} for n, a in calls], prompt.expected, prompt.tools) is None
     return Reply(tokens, decode(tokens), calls, addressed, well_formed, matches)
 
 
-def _same_calls(calls, reference) -> bool:
-    if len(calls) != len(reference):
-        return False
-    for (name, args), (ref_name, ref_args) in zip(calls, reference):
-        if name != ref_name or set(args) != set(ref_args):
-            return False
-        for key, value in ref_args.items():
-            got = args[key]
-            if isinstance(value, (int, float)) and isinstance(got, (int, float)):
-                if abs(float(got) - float(value)) > 1e-9:
-                    return False
-            elif got != value:
-                return False
-    return True
+def _json_or_none(text):
+    """The arguments of an invalid call, when they are JSON at all (for display)."""
+    try:
+        return json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        return None
 
 
 def load_run(run_dir: Path):
@@ -166,11 +128,8 @@ def load_run(run_dir: Path):
     base = str(run.base_dir) if (run.base_dir / "config.json").is_file() else config.model.path
     if base is None:
         raise UserError(f"{run.base_dir}: base model missing (the run used a random preset; retrain to write it)")
-    from ossforge.model import fuse_moe
-
     model = load_model(ModelConfig(path=base), dtype=None, device="cpu")
-    model = PeftModel.from_pretrained(model, str(run.adapter_dir)).eval()
-    return config, fuse_moe(model)  # same outputs; without it peft rebuilds every expert's weight per token
+    return config, PeftModel.from_pretrained(model, str(run.adapter_dir)).eval()
 
 
 def _show(title: str, reply: Reply) -> str:
@@ -189,7 +148,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.manual_seed(0)
+    from ossforge.agents.backends import TransformersBackend
+
     config, model = load_run(Path(args.run_dir))
+    backend = TransformersBackend(model)  # fuses the MoE layers: without it peft rebuilds every expert's weight per token
     data = args.data or config.data.eval
     if not data:
         raise UserError(f"{args.run_dir}: the run has no data.eval; pass --data HELDOUT.jsonl")
@@ -202,9 +164,9 @@ def run(args: argparse.Namespace) -> int:
     def reply(prompt: Prompt, tuned: bool) -> Reply:
         ids = render_prompt(prompt)
         if tuned:
-            return read_reply(generate(model, ids, args.max_new_tokens), prompt)
+            return read_reply(generate(backend, ids, args.max_new_tokens), prompt)
         with model.disable_adapter():
-            return read_reply(generate(model, ids, args.max_new_tokens), prompt)
+            return read_reply(generate(backend, ids, args.max_new_tokens), prompt)
 
     prompt = prompts[args.index]
     print(f"held-out prompt ({prompt.where}):")

@@ -138,16 +138,24 @@ def generate_tokens(backend, prompt: list[int], max_tokens: int) -> list[int]:
     return list(backend.generate(prompt, max_tokens=max_tokens, temperature=0.0))
 
 
-def generate_reply(backend, case: Case, max_new_tokens: int) -> Reply:
-    """The model's reply to a case, parsed by the agents layer exactly as an agent receives it."""
+def render_prompt(messages: list[dict], tools: list[dict] | None, effort: str | None) -> list[int]:
+    """Harmony prompt ids of a dataset conversation, ending in ``<|start|>assistant``."""
     import openai_harmony as oh
 
-    from ossforge.agents.parsing import parse_completion
-    from ossforge.finetune.harmony import ASSISTANT, build_conversation
+    from ossforge.finetune.harmony import build_conversation
     from ossforge.model import tokenizer as tok
 
-    convo = build_conversation(case.messages, case.tools or None, case.effort)
-    prompt = [int(t) for t in tok.harmony_encoding().render_conversation_for_completion(convo, oh.Role.ASSISTANT)]
+    convo = build_conversation(messages, tools or None, effort)
+    return [int(t) for t in tok.harmony_encoding().render_conversation_for_completion(convo, oh.Role.ASSISTANT)]
+
+
+def generate_reply(backend, case: Case, max_new_tokens: int) -> Reply:
+    """The model's reply to a case, parsed by the agents layer exactly as an agent receives it."""
+    from ossforge.agents.parsing import parse_completion
+    from ossforge.finetune.harmony import ASSISTANT
+    from ossforge.model import tokenizer as tok
+
+    prompt = render_prompt(case.messages, case.tools, case.effort)
     names = [t["name"] for t in case.tools]
     reply = Reply([], [], "", 0, 0)
     budget = max_new_tokens
@@ -416,11 +424,11 @@ def run(args) -> int:
                                   if report["tuned"][k] is not None and report["base"][k] is not None}
 
     out_dir = Path(args.out) if args.out else (adapter.parent if adapter else Path(config.output_dir))
-    from ossforge.finetune.run_dir import atomic_write_text
+    from ossforge import atomic
 
     report["plot"] = str(out_dir / "eval.png")
     plot(report, out_dir / "eval.png")
-    atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=1) + "\n")
+    atomic.write_text(out_dir / "eval.json", json.dumps(report, indent=1) + "\n")
     if not args.json:
         print(format_table(report), file=sys.stderr)
         print(f"plot: {out_dir / 'eval.png'}", file=sys.stderr)

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ossforge.model.fused_moe import FusedGptOssMLP, _unwrap_experts, fused_experts_call
+
 _EP_CLASSES: dict[type, type] = {}
 
 
@@ -59,16 +61,6 @@ def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], 
 
 
 # ----------------------------------------------------------------------------- the EP MoE block
-
-
-def _unwrap_experts(experts):
-    """Base ``GptOssExperts`` and ``{parameter_name: peft ParamWrapper}`` of peft's nested wrappers."""
-    wrappers = {}
-    module = experts
-    while hasattr(module, "parameter_name") and hasattr(module, "base_layer"):
-        wrappers[module.parameter_name] = module
-        module = module.base_layer
-    return module, wrappers
 
 
 class ExpertParallelMixin:
@@ -122,26 +114,7 @@ class ExpertParallelMixin:
 
 def _fused_call(mlp):
     """``f(rows, weights, index)`` on ossforge's fused kernels when ``fuse_moe`` switched this block."""
-    try:
-        from ossforge.model.fused_moe import FusedGptOssMLP, _FALLBACK, _expert_lora
-        from ossforge.kernels.moe_lora import moe_lora
-        from ossforge.kernels.reference import SWIGLU_ALPHA, SWIGLU_LIMIT
-    except ImportError:
-        return None
-    if not isinstance(mlp, FusedGptOssMLP):
-        return None
-    experts, wrappers = _unwrap_experts(mlp.experts)
-    lora1, lora2 = _expert_lora(wrappers.get("gate_up_proj")), _expert_lora(wrappers.get("down_proj"))
-    if (lora1 is _FALLBACK or lora2 is _FALLBACK or experts.alpha != SWIGLU_ALPHA
-            or experts.limit != SWIGLU_LIMIT or set(wrappers) - {"gate_up_proj", "down_proj"}):
-        return None
-
-    def call(rows, weights, index):
-        return moe_lora(rows, weights, index, experts.gate_up_proj, experts.gate_up_proj_bias,
-                        experts.down_proj, experts.down_proj_bias, gate_up_lora=lora1, down_lora=lora2,
-                        backend=getattr(mlp, "ossforge_backend", None))
-
-    return call
+    return fused_experts_call(mlp) if isinstance(mlp, FusedGptOssMLP) else None
 
 
 def _ep_class(cls: type) -> type:

@@ -1,17 +1,19 @@
 """Run report: PNG figures and one ``report.html`` in the run folder, from what the run wrote.
 
     from ossforge.finetune.report import write_report
-    write_report("runs/quickstart")   # -> runs/quickstart/report.html (+ curves.png, expert_load.png)
+    write_report("runs/quickstart")   # -> runs/quickstart/report.html (+ loss.png, expert_load.png)
 
 Reads ``metrics.jsonl`` (``step``, ``loss``, ``lr``, ``eval_loss``, ``expert_load``: per layer, each
 expert's share of the routed token slots) and ``eval.json`` when ``ossforge eval`` has run. Draws:
 
-- ``curves.png``: training loss (and eval loss) per step, learning rate on a second axis;
+- ``loss.png`` (the run folder's loss curve, also via ``RunDir.plot_loss``): training loss (and
+  eval loss) per step, learning rate on a second axis;
 - ``expert_load.png``: heatmap of expert load per layer over the run, and per layer the busiest
   expert's load relative to a perfectly balanced router (1.0) at each logged step;
 - ``eval.png`` (written by ``ossforge eval``): accuracy and tokens per reasoning effort.
 
-Every file is written atomically; missing inputs just leave their section out.
+The trainer calls ``write_report`` at the end of a run. Every file is written atomically; missing
+or unreadable inputs just leave their section out.
 """
 
 from __future__ import annotations
@@ -19,24 +21,11 @@ from __future__ import annotations
 import html
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from ossforge import atomic
+from ossforge.finetune.run_dir import RunDir
 
 
 def _pyplot():
@@ -52,42 +41,30 @@ def save_figure(fig, path: str | Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     _pyplot().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return atomic.write_bytes(path, buf.getvalue())
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written when we read: skip it
-    return out
-
-
-def plot_curves(records: list[dict], path: Path) -> Optional[Path]:
+def plot_loss(records: list[dict], path: str | Path, title: str = "loss") -> Optional[Path]:
+    """Training (and eval) loss per step, learning rate on a second axis; None without losses."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     if not train:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(*zip(*train), label="train loss")
     evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
     lrs = [(r["step"], r["lr"]) for r in records if "lr" in r]
     if lrs:
         ax2 = ax.twinx()
         ax2.plot(*zip(*lrs), color="gray", alpha=0.5, linestyle=":", label="lr")
         ax2.set_ylabel("learning rate")
     ax.legend(loc="upper right")
-    ax.set_title("loss")
+    ax.set_title(title)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -155,27 +132,26 @@ def _eval_section(report: dict) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write the figures and ``report.html`` of a run folder; returns the HTML path."""
-    run = Path(run_dir)
-    records = read_metrics(run)
+    files = RunDir(run_dir)
+    run = files.path
+    records = files.read_metrics()
     parts = [f"<h1>ossforge run: {html.escape(str(run))}</h1>"]
     losses = [r["loss"] for r in records if "loss" in r]
     if losses:
         drop = 100 * (losses[0] - losses[-1]) / losses[0] if losses[0] else 0.0
         parts.append(f"<p>{len(records)} logged steps; loss {losses[0]:.4f} -> {losses[-1]:.4f} ({drop:.0f}% lower)</p>")
-    if plot_curves(records, run / "curves.png"):
-        parts.append('<h2>Loss</h2><img src="curves.png" alt="loss curves">')
-    if plot_expert_load(records, run / "expert_load.png"):
-        parts.append('<h2>Expert load</h2><img src="expert_load.png" alt="expert load per layer">')
+    if plot_loss(records, files.loss_png, title=run.name):
+        parts.append(f'<h2>Loss</h2><img src="{files.loss_png.name}" alt="loss curves">')
+    if plot_expert_load(records, files.expert_load_png):
+        parts.append(f'<h2>Expert load</h2><img src="{files.expert_load_png.name}" alt="expert load per layer">')
     eval_json = run / "eval.json"
     if eval_json.is_file():
         try:
             parts.append(_eval_section(json.loads(eval_json.read_text())))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass  # a hand-edited or foreign eval.json: leave the section out
         if (run / "eval.png").is_file():
             parts.append('<img src="eval.png" alt="eval by reasoning effort">')
     style = "body{font-family:sans-serif;max-width:1000px;margin:2em auto}td,th{padding:2px 10px;text-align:right}"
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>ossforge run</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
-    out = run / "report.html"
-    atomic_write_bytes(out, page.encode("utf-8"))
-    return out
+    return atomic.write_text(files.report_html, page)

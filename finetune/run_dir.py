@@ -8,7 +8,9 @@
     base/                 the random-initialised base model (preset runs only), HF folder
     checkpoints/          DeepSpeed checkpoints (step-N/ and ``latest``) for --resume
     tensorboard/          TensorBoard event files
-    loss.png              loss curve, drawn at the end
+    loss.png              loss curves (train, eval) and learning rate, drawn at the end
+    expert_load.png       expert load per layer over the run, drawn at the end
+    report.html           run report with the figures (and eval.json's scores when present)
 
 Every file is written to a temporary name and renamed into place, so a killed run leaves the
 previous version of each file whole. DeepSpeed writes ``checkpoints/latest`` only after the new
@@ -18,31 +20,13 @@ checkpoint is complete, and older checkpoints are pruned only after that.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from ossforge import atomic
 from ossforge.errors import UserError
 
 KEEP_CHECKPOINTS = 2
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def unwrap(model_or_engine):
@@ -54,24 +38,16 @@ def save_adapter(model_or_engine, out_dir: str | Path) -> Path:
     """Save the LoRA adapter in peft format, replacing ``out_dir``'s files atomically one by one.
 
     The adapter is first written completely to a temp folder beside ``out_dir``; only then is each
-    file renamed into ``out_dir``. A crash at any point leaves every file of ``out_dir`` either the
-    old or the new complete version (the config is the same within a run, the weights one file).
+    file renamed into ``out_dir``, the small config before the weights. A crash at any point leaves
+    every file of ``out_dir`` either the old or the new complete version (the config is the same
+    within a run, the weights one file).
     Expert parallelism gathers the sharded expert LoRA here before writing.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        unwrap(model_or_engine).save_pretrained(str(staging), safe_serialization=True)
-        out.mkdir(exist_ok=True)
-        # config first, weights last: both are whole at every instant.
-        names = sorted(p.name for p in staging.iterdir())
-        names.sort(key=lambda n: n.endswith(".safetensors"))
-        for name in names:
-            os.replace(staging / name, out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    with atomic.directory(Path(out_dir), file_by_file=True) as staging:
+        # save_embedding_layers=False: with lm_head among the LoRA targets peft would otherwise copy the
+        # frozen 201k-row head into every adapter; the base already holds it.
+        unwrap(model_or_engine).save_pretrained(str(staging), safe_serialization=True, save_embedding_layers=False)
+    return Path(out_dir)
 
 
 class RunDir:
@@ -86,6 +62,8 @@ class RunDir:
         self.checkpoints_dir = self.path / "checkpoints"
         self.tensorboard_dir = self.path / "tensorboard"
         self.loss_png = self.path / "loss.png"
+        self.expert_load_png = self.path / "expert_load.png"
+        self.report_html = self.path / "report.html"
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -103,9 +81,9 @@ class RunDir:
         if not resume:
             for stale in (self.checkpoints_dir, self.tensorboard_dir):
                 shutil.rmtree(stale, ignore_errors=True)
-            self.metrics_file.unlink(missing_ok=True)
-            self.loss_png.unlink(missing_ok=True)
-        atomic_write_text(self.config_file, config_yaml)
+            for stale in (self.metrics_file, self.loss_png, self.expert_load_png, self.report_html):
+                stale.unlink(missing_ok=True)
+        atomic.write_text(self.config_file, config_yaml)
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -160,32 +138,10 @@ class RunDir:
     def truncate_metrics(self, last_step: int) -> None:
         """On resume: drop records logged after the checkpoint, so the file has each step once."""
         kept = [r for r in self.read_metrics() if r.get("step", 0) <= last_step]
-        atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic.write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
 
     def plot_loss(self) -> Path | None:
-        """``loss.png``: training (and eval) loss against step."""
-        records = self.read_metrics()
-        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-        if not train:
-            return None
-        import matplotlib
+        """``loss.png``: training (and eval) loss and the learning rate against step."""
+        from ossforge.finetune.report import plot_loss
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(*zip(*train), label="train loss")
-        if evals:
-            ax.plot(*zip(*evals), "o-", label="eval loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(self.path.name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        tmp = self.loss_png.with_name(".loss.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, self.loss_png)
-        return self.loss_png
+        return plot_loss(self.read_metrics(), self.loss_png, title=self.path.name)

@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,9 +434,19 @@ def train(config, resume: bool = False, config_path=None, stop_after: int | None
     with _StopFlag() as flag:
         result = _loop(config, run, engine, data, batches, load, device, step, resume_tag, flag, stop_after, dtype)
     if _rank0():
-        run.plot_loss()
+        _write_report(run)
         _print_end(run, result)
     return result
+
+
+def _write_report(run: RunDir) -> None:
+    """``loss.png``, ``expert_load.png`` and ``report.html``; a figure that fails never fails the run."""
+    from ossforge.finetune.report import write_report
+
+    try:
+        write_report(run.path)
+    except Exception as exc:  # the adapter and checkpoints are saved: only the pictures are missing
+        print(f"warning: {run.path}: run report not written: {exc}", file=sys.stderr)
 
 
 def _loop(config, run, engine, data, batches, load, device, step, resume_tag, flag, stop_after, dtype) -> TrainResult:
@@ -503,5 +514,6 @@ def _print_end(run: RunDir, result: TrainResult) -> None:
         lines.append(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} ({drop:.0f}% lower) over {result.steps} steps")
     if result.eval_loss is not None:
         lines.append(f"eval loss {result.eval_loss:.4f}")
-    lines.append(f"adapter: {run.adapter_dir}  metrics: {run.metrics_file}  curve: {run.loss_png}")
+    report = f"  report: {run.report_html}" if run.report_html.is_file() else ""
+    lines.append(f"adapter: {run.adapter_dir}  metrics: {run.metrics_file}  curve: {run.loss_png}{report}")
     print("\n".join(lines), flush=True)

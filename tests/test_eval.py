@@ -186,7 +186,7 @@ def test_write_report(tmp_path):
     (run / "eval.json").write_text(json.dumps({"data": "h.jsonl", "cases": 3, "efforts": "row",
                                                "base": {"tool_call_accuracy": 0.0}, "tuned": {"tool_call_accuracy": 0.5}}))
     text = write_report(run).read_text()
-    assert "curves.png" in text and "expert_load.png" in text and "50.0%" in text and "(27% lower)" in text
+    assert "loss.png" in text and "expert_load.png" in text and "50.0%" in text and "(27% lower)" in text
     assert (run / "expert_load.png").stat().st_size > 1000
 
 

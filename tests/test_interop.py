@@ -167,13 +167,14 @@ def test_stock_peft_adapter_warm_starts_training_here(trained, tmp_path):
 
 def test_report_from_a_real_run(trained):
     """write_report reads the trainer's metrics.jsonl (loss, lr, expert_load) as written."""
-    from ossforge.finetune.report import expert_load, read_metrics, write_report
+    from ossforge.finetune.report import expert_load, write_report
+    from ossforge.finetune.run_dir import RunDir
 
     html = write_report(trained)
-    steps, loads = expert_load(read_metrics(trained))
+    steps, loads = expert_load(RunDir(trained).read_metrics())
     assert steps == [1, 2, 3] and len(loads[0]) == 2 and len(loads[0][0]) == 8  # tiny: 2 layers x 8 experts
     assert abs(sum(loads[0][0]) - 1) < 1e-3
-    for name in ("curves.png", "expert_load.png"):
+    for name in ("loss.png", "expert_load.png"):
         assert (trained / name).stat().st_size > 1000 and name in html.read_text()
 
 

@@ -78,6 +78,8 @@ def test_run_directory_contract(straight):
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{STEPS}"
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (run / "expert_load.png").read_bytes()[:4] == b"\x89PNG"
+    assert 'src="loss.png"' in (run / "report.html").read_text()
     assert not [p for p in run.iterdir() if p.name.startswith(".")], "no temp files left behind"
 
 

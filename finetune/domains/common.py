@@ -8,9 +8,10 @@ with the same seed gives byte-identical output.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable
+
+from ossforge import atomic
 
 EFFORTS = ("low", "medium", "high")
 
@@ -61,13 +62,9 @@ def dumps_row(r: dict) -> str:
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     """Write rows atomically (temp file + rename); returns the number of rows."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     n = 0
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    with atomic.open_file(path, "w", encoding="utf-8", newline="\n") as f:
         for r in rows:
             f.write(dumps_row(r) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
