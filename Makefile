@@ -19,7 +19,7 @@ install: $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/ossforge train configs/quickstart.yaml
-	$(BIN)/ossforge demo runs/quickstart
+	$(BIN)/ossforge demo runs/quickstart --score 10
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --timeout 900 $(PYTEST_ARGS)

@@ -59,14 +59,15 @@ def apply_lora(model, lora_cfg, base_path: str | None = None):
 class AdapterSummary:
     trainable: int
     total: int
-    attention_modules: int  # adapted nn.Linear projections
+    linear_modules: int  # adapted nn.Linear modules: attention projections, lm_head when targeted
+    module_names: list[str]  # their distinct names, e.g. ["k_proj", "lm_head", "o_proj", ...]
     expert_layers: list[int]  # layers whose experts carry LoRA
     expert_params: list[str]  # which expert parameters are adapted
 
     def line(self) -> str:
         layers = ",".join(map(str, self.expert_layers)) or "none"
         return (f"{self.trainable:,} trainable of {self.total:,} ({100 * self.trainable / max(self.total, 1):.3f}%); "
-                f"{self.attention_modules} attention projections, experts in layers [{layers}] "
+                f"{self.linear_modules} linear modules ({', '.join(self.module_names) or 'none'}), experts in layers [{layers}] "
                 f"({', '.join(self.expert_params) or 'none'})")
 
 
@@ -74,7 +75,7 @@ def summarize(model) -> AdapterSummary:
     """What a peft-wrapped gpt-oss model trains (for the pre-training summary)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    attention, layers, params = 0, set(), set()
+    attention, names, layers, params = 0, set(), set(), set()
     for name, module in model.named_modules():
         if hasattr(module, "parameter_name") and hasattr(module, "lora_A"):  # peft ParamWrapper
             parts = name.split(".")
@@ -83,4 +84,5 @@ def summarize(model) -> AdapterSummary:
             params.add(module.parameter_name)
         elif hasattr(module, "lora_A") and hasattr(module, "base_layer"):
             attention += 1
-    return AdapterSummary(trainable, total, attention, sorted(layers), sorted(params))
+            names.add(name.rsplit(".", 1)[-1])
+    return AdapterSummary(trainable, total, attention, sorted(names), sorted(layers), sorted(params))

@@ -25,7 +25,7 @@ def test_attention_and_all_expert_layers(tiny_model):
         assert f"base_model.model.model.layers.{layer}.mlp.experts.lora_B.default.weight" in names
     assert all("lora_" in n for n in names), "only LoRA factors train"
     s = summarize(model)
-    assert s.attention_modules == 4 * tiny_model.config.num_hidden_layers
+    assert s.linear_modules == 4 * tiny_model.config.num_hidden_layers
     assert s.expert_layers == [0, 1] and s.expert_params == ["down_proj", "gate_up_proj"]
     E, r = tiny_model.config.num_local_experts, 4
     a = dict(model.named_parameters())["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.default.weight"]
