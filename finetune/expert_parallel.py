@@ -21,7 +21,7 @@ all-gather), on exit each rank keeps its slice of whatever the tensors hold then
 We mirror AutoEP's group handling instead of extending ``deepspeed.module_inject.auto_ep``: as of
 0.19.8 AutoEP has no gpt-oss preset (interleaved gate/up, biases, clamped SwiGLU), replaces the block
 with its own router/experts (dropping peft's ``ParamWrapper`` LoRA) and cannot return gpt-oss's
-``(hidden, router_scores)`` pair; see docs/readme/90-parallelism.md.
+``(hidden, router_scores)`` pair; see README, "Parallelism".
 """
 
 from __future__ import annotations
