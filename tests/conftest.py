@@ -41,6 +41,23 @@ def tiny_model():
     return build_random("tiny", seed=0)
 
 
+def stock_peft_lora(base, *, seed: int, scale: float, task_type: str | None = None):
+    """Stock peft LoRA (r=4) on attention and, through ``target_parameters``, the experts, with every B
+    filled with seeded noise of std ``scale`` so the adapter is not a no-op (peft starts B at zero)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], task_type=task_type)
+    model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """Run ``ossforge ARGS`` in a subprocess; returns CompletedProcess with text output."""
     full_env = dict(os.environ)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, stock_peft_lora
 
 pytestmark = pytest.mark.slow
 
@@ -101,18 +101,10 @@ def test_merged_checkpoint_gives_adapter_logits(trained, tmp_path):
 
 def _stock_adapter(run: Path, out: Path) -> dict:
     """An adapter made with stock peft (target_parameters for the experts), B set non-zero."""
-    from peft import LoraConfig, get_peft_model
     from transformers import GptOssForCausalLM
 
     base = GptOssForCausalLM.from_pretrained(str(run / "base"), torch_dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    model = get_peft_model(base, cfg)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+    model = stock_peft_lora(base, seed=1, scale=0.01)
     model.save_pretrained(str(out))
     return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import GptOssForCausalLM
 
@@ -14,7 +13,7 @@ from ossforge.cli import main
 from ossforge.finetune.config import ModelConfig
 from ossforge.model.checkpoint import load_model, save_base
 from ossforge.model.presets import build_random
-from tests.conftest import run_cli
+from tests.conftest import run_cli, stock_peft_lora
 
 # <|start|>user<|message|>Hello<|end|><|start|>assistant : real o200k_harmony ids.
 PROBE = torch.tensor([[200006, 1428, 200008, 13225, 200007, 200006, 173781]])
@@ -32,14 +31,7 @@ def run_dir(tmp_path_factory):
     base = build_random("tiny", seed=5).eval()
     base_gate_up = base.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
     save_base(base, run / "base")
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], task_type="CAUSAL_LM")
-    peft_model = get_peft_model(base, config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    peft_model = stock_peft_lora(base, seed=0, scale=0.05, task_type="CAUSAL_LM")
     peft_model.save_pretrained(run / "adapter")
     return {"run": run, "peft_logits": _logits(peft_model.eval()), "base_gate_up": base_gate_up}
 
