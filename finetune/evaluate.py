@@ -122,15 +122,6 @@ class Reply:
     reasoning_tokens: int
 
 
-def __getattr__(name):
-    """``HarmonyContinuation`` now lives with the backend; kept importable from here (lazily)."""
-    if name == "HarmonyContinuation":
-        from ossforge.agents.backends import HarmonyContinuation
-
-        return HarmonyContinuation
-    raise AttributeError(name)
-
-
 def generate_tokens(backend, prompt: list[int], max_tokens: int) -> list[int]:
     """Greedy completion of ``prompt`` up to ``<|call|>``/``<|return|>``. A local
     ``TransformersBackend`` writes ``<|start|>assistant`` after each ``<|end|>`` itself

@@ -188,21 +188,3 @@ def test_write_report(tmp_path):
     text = write_report(run).read_text()
     assert "loss.png" in text and "expert_load.png" in text and "50.0%" in text and "(27% lower)" in text
     assert (run / "expert_load.png").stat().st_size > 1000
-
-
-def test_harmony_continuation_forces_start_assistant_after_end():
-    import torch
-
-    from ossforge.finetune.evaluate import HarmonyContinuation
-    from ossforge.finetune.harmony import ASSISTANT
-    from ossforge.model import tokenizer as tok
-
-    proc = HarmonyContinuation(prompt_len=2)
-    scores = torch.zeros(3, 201088)
-    ids = torch.tensor([[1, tok.END, 5, tok.END],          # generated ... <|end|> -> <|start|>
-                        [1, 2, tok.END, tok.START],        # generated <|end|><|start|> -> assistant
-                        [tok.END, tok.START, 7, 8]])       # <|end|> in the prompt only: untouched
-    out = proc(ids, scores.clone())
-    assert out[0].argmax() == tok.START and torch.isinf(out[0]).sum() == 201087
-    assert out[1].argmax() == ASSISTANT
-    assert torch.equal(out[2], scores[2])
