@@ -5,8 +5,9 @@
 - ``--set a.b=c`` overrides after merging; values are parsed as YAML scalars (``3`` -> int,
   ``true`` -> bool, ``[a,b]`` -> list) and checked by the schema like everything else.
 - Unknown keys are errors, so a misspelled key never passes silently.
-- Relative data/model/output paths resolve against the top config file's folder first, then the
-  working directory (so ``configs/x.yaml`` can say ``../data/...`` and runs from anywhere).
+- Relative data/model/output paths (and ``lora.init_adapter``) resolve against the top config file's
+  folder first, then the working directory (so ``configs/x.yaml`` can say ``../data/...`` and runs
+  from anywhere).
 
 Every problem raises :class:`UserError` as ``<file>: <field path>: <reason>`` before anything
 is built or written.
@@ -61,6 +62,14 @@ class LoraConfig(_Section):
     targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     expert_targets: list[str] = ["gate_up_proj", "down_proj"]
     expert_layers: Optional[list[int]] = None  # None: all layers
+    init_adapter: Optional[str] = None  # peft adapter folder whose LoRA weights training starts from
+
+    @field_validator("init_adapter")
+    @classmethod
+    def _adapter_folder(cls, v):
+        if v is not None and not v.strip():
+            raise ValueError("empty path (leave the key out, or null, for no warm start)")
+        return v
 
     @field_validator("expert_targets")
     @classmethod
@@ -240,8 +249,25 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     config.data.train = _resolve_path(config.data.train, base)
     config.data.eval = _resolve_path(config.data.eval, base)
     config.model.path = _resolve_path(config.model.path, base)
+    config.lora.init_adapter = _resolve_path(config.lora.init_adapter, base)
     if check_files:
         for field, value in (("data.train", config.data.train), ("data.eval", config.data.eval), ("model.path", config.model.path)):
             if value is not None and not Path(value).exists():
                 raise UserError(f"{path}: {field}: file not found: {value}")
+        if config.lora.init_adapter is not None:
+            _check_init_adapter(config.lora, path)
     return config
+
+
+def _check_init_adapter(lora, path: Path) -> None:
+    """``lora.init_adapter`` is a peft adapter folder that fits the ``lora:`` section."""
+    from ossforge.finetune.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_init_adapter
+
+    folder = Path(lora.init_adapter)
+    if not folder.is_dir():
+        reason = "expected the adapter folder, got a file" if folder.exists() else "adapter folder not found"
+        raise UserError(f"{path}: lora.init_adapter: {reason}: {folder}")
+    missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f"{path}: lora.init_adapter: {folder} is not a peft adapter folder (no {' or '.join(missing)})")
+    check_init_adapter(lora, path)

@@ -4,15 +4,25 @@ The experts keep their weights as 3-D parameters (``gate_up_proj [E, H, 2I]``, `
 not ``nn.Linear`` modules, so peft adapts them with ``target_parameters`` (its ``ParamWrapper``). The
 adapter files are therefore stock peft files: ``PeftModel.from_pretrained`` loads them on a stock
 transformers ``GptOssForCausalLM``.
+
+``lora.init_adapter`` warm-starts the LoRA factors from such an adapter folder (one made by stock peft,
+or a previous run's ``adapter/``): its ``adapter_config.json`` must describe the same LoRA as the
+``lora:`` section (:func:`check_init_adapter`), and its weights must cover every LoRA tensor of the
+model (:func:`load_init_adapter`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from ossforge.errors import UserError
+from ossforge.errors import UserError, where
 
 EXPERTS = "mlp.experts"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+INIT_FIELD = "lora.init_adapter"
 
 
 def expert_parameter_names(lora_cfg, num_layers: int) -> list[str]:
@@ -53,6 +63,104 @@ def apply_lora(model, lora_cfg, base_path: str | None = None):
         return get_peft_model(model, config)
     except ValueError as exc:  # peft names the target it could not find
         raise UserError(f"lora.targets: {exc}") from None
+
+
+def _names(value) -> set[str] | str:
+    """A saved ``target_modules`` / ``target_parameters`` as a set (peft writes lists, sets or None);
+    a string (a regex or ``all-linear``) is returned as is."""
+    if value is None:
+        return set()
+    return value if isinstance(value, str) else set(value)
+
+
+def _show(names: set[str]) -> str:
+    return "[" + ", ".join(sorted(names)) + "]"
+
+
+def init_adapter_differences(lora_cfg, saved: dict) -> list[str]:
+    """How an adapter's ``adapter_config.json`` (``saved``) differs from the LoRA this ``lora:`` section
+    builds; empty when the adapter's weights can start this run's training."""
+    want = peft_config(lora_cfg, 0)
+    diffs = []
+    if str(saved.get("peft_type", "")).upper() != "LORA":
+        diffs.append(f"peft_type {saved.get('peft_type')} in the adapter, LORA needed")
+    if saved.get("r") != want.r:
+        diffs.append(f"r {saved.get('r')} in the adapter, {want.r} in lora.r")
+    alpha = saved.get("lora_alpha")
+    if not isinstance(alpha, (int, float)) or float(alpha) != float(want.lora_alpha):
+        shown = f"{alpha:g}" if isinstance(alpha, (int, float)) else alpha
+        diffs.append(f"lora_alpha {shown} in the adapter, {want.lora_alpha:g} in lora.alpha")
+    for key, ours in (("target_modules", "lora.targets"), ("target_parameters", "lora.expert_targets/expert_layers")):
+        theirs, mine = _names(saved.get(key)), _names(getattr(want, key))
+        if isinstance(theirs, str):
+            diffs.append(f"{key} is the pattern {theirs!r} in the adapter; an explicit list is needed")
+        elif theirs != mine:
+            diffs.append(f"{key} {_show(theirs)} in the adapter, {_show(mine)} from {ours}")
+    for key, meaning in (("use_rslora", "rsLoRA scaling"), ("use_dora", "DoRA"), ("lora_bias", "LoRA bias"),
+                         ("rank_pattern", "per-module ranks"), ("alpha_pattern", "per-module alphas"),
+                         ("layers_to_transform", "a layer subset"), ("modules_to_save", "fully trained modules")):
+        if saved.get(key):
+            diffs.append(f"{key} {saved[key]} in the adapter ({meaning}; ossforge trains plain LoRA)")
+    return diffs
+
+
+def check_init_adapter(lora_cfg, source=None) -> None:
+    """UserError unless ``lora.init_adapter`` (when set) holds a config this ``lora:`` section matches."""
+    if lora_cfg.init_adapter is None:
+        return
+    field, path = where(source, INIT_FIELD), Path(lora_cfg.init_adapter) / ADAPTER_CONFIG
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{field}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"{field}: {path}: expected a JSON object")
+    try:
+        diffs = init_adapter_differences(lora_cfg, saved)
+    except UserError as exc:  # an empty lora: section, named by peft_config
+        raise UserError(f"{source}: {exc}" if source else str(exc)) from None
+    if diffs:
+        raise UserError(f"{field}: {'; '.join(diffs)} (adapter {path.parent})")
+
+
+def load_init_adapter(model, lora_cfg, source=None) -> int:
+    """Warm start: copy ``lora.init_adapter``'s LoRA factors into a model fresh from :func:`apply_lora`.
+
+    Every LoRA tensor of the model must come from the file, and the file may hold nothing else.
+    Returns how many tensors were loaded (0 when ``lora.init_adapter`` is not set).
+    """
+    if lora_cfg.init_adapter is None:
+        return 0
+    from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_init_adapter(lora_cfg, source)
+    field = where(source, INIT_FIELD)
+    path = Path(lora_cfg.init_adapter) / ADAPTER_WEIGHTS
+    try:
+        weights = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"{field}: cannot read {path}: {exc}") from None
+    other = sorted(k for k in weights if "lora_" not in k)
+    if other:
+        raise UserError(f"{field}: {path} holds {len(other)} non-LoRA tensor(s), e.g. {other[0]} "
+                        f"(only LoRA factors can start training)")
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as exc:  # torch's size-mismatch report: a heading, then one line per tensor
+        lines = str(exc).strip().splitlines()
+        detail = lines[1 if len(lines) > 1 else 0].strip()
+        raise UserError(f"{field}: {path} does not fit this model: {detail}") from None
+    missing = sorted(k for k in result.missing_keys if "lora_" in k)
+    if missing:
+        raise UserError(f"{field}: {path} has no weights for {len(missing)} LoRA tensor(s) of this model, "
+                        f"e.g. {missing[0]}")
+    if result.unexpected_keys:
+        unexpected = sorted(result.unexpected_keys)
+        raise UserError(f"{field}: {path} holds {len(unexpected)} LoRA tensor(s) this model does not have, "
+                        f"e.g. {unexpected[0]}")
+    return len(weights)
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ossforge.errors import UserError, where
-from ossforge.finetune.lora import apply_lora, peft_config, summarize
+from ossforge.finetune.lora import apply_lora, check_init_adapter, load_init_adapter, peft_config, summarize
 from ossforge.finetune.expert_parallel import apply_expert_parallel, ep_independent, optimizer_param_groups
 from ossforge.finetune.plan import check_topology
 from ossforge.finetune.run_dir import RunDir, save_adapter, unwrap
@@ -346,7 +346,7 @@ class _StopFlag:
 def resolved_yaml(config) -> str:
     """``config.yaml`` of the run: the validated config with absolute data/model paths."""
     resolved = config.model_copy(deep=True)
-    for section, key in (("data", "train"), ("data", "eval"), ("model", "path")):
+    for section, key in (("data", "train"), ("data", "eval"), ("model", "path"), ("lora", "init_adapter")):
         value = getattr(getattr(resolved, section), key)
         if value is not None:
             setattr(getattr(resolved, section), key, str(Path(value).resolve()))
@@ -384,6 +384,11 @@ def print_summary(config, model, data: Data, engine, device, dtype, resumed_from
         f"  model      {source}: {m.num_hidden_layers} layers, {m.num_local_experts} experts (top-{m.num_experts_per_tok}), "
         f"hidden {m.hidden_size}, vocab {m.vocab_size:,}; {str(dtype).replace('torch.', '')} on {device.type}",
         f"  LoRA       r={config.lora.r} alpha={config.lora.alpha:g}: {lora.line()}",
+    ]
+    if config.lora.init_adapter:
+        lines.append(f"  warm start skipped: resuming from checkpoint {resumed_from} (lora.init_adapter not loaded)"
+                     if resumed_from else f"  warm start {config.lora.init_adapter}")
+    lines += [
         f"  train      {config.data.train}: {data.train_stats.summary()}",
     ]
     if data.eval_stats is not None:
@@ -410,6 +415,7 @@ def train(config, resume: bool = False, config_path=None, stop_after: int | None
     dtype = resolve_dtype(config.model.dtype, device.type)
     ds_config = deepspeed_config(config, dtype, config_path)
     peft_config(config.lora, 0)  # raises on an empty LoRA
+    check_init_adapter(config.lora, config_path)  # a warm-start adapter must describe the same LoRA
     check_topology(config, int(os.environ.get("WORLD_SIZE", 1)), config_path, "start with --nproc N")
     data = load_data(config)  # all user errors are raised by now; nothing written yet
     setup_distributed(device)
@@ -418,6 +424,8 @@ def train(config, resume: bool = False, config_path=None, stop_after: int | None
     model, base_path = build_model(config, device, dtype, run, resume)
     torch.manual_seed(t.seed)  # LoRA initialisation
     model = apply_lora(model, config.lora, base_path)
+    if not resume_tag:  # on resume the checkpoint's LoRA wins over lora.init_adapter
+        load_init_adapter(model, config.lora, config_path)
     model = prepare_modules(model, config)
     apply_expert_parallel(model, config.parallel.expert_parallel_size)  # shard experts before deepspeed.initialize
     engine = initialize_engine(model, config, ds_config)

@@ -58,9 +58,16 @@ def stock_peft_lora(base, *, seed: int, scale: float, task_type: str | None = No
     return model
 
 
+_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
-    """Run ``ossforge ARGS`` in a subprocess; returns CompletedProcess with text output."""
-    full_env = dict(os.environ)
+    """Run ``ossforge ARGS`` in a subprocess; returns CompletedProcess with text output.
+
+    An in-process ``train()`` earlier in this worker leaves RANK/MASTER_PORT set for its own process group;
+    a child inheriting them would take itself for a launched rank and bind that port again (EADDRINUSE).
+    """
+    full_env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "ossforge", *args],

@@ -130,6 +130,118 @@ def test_resume_matches_straight_run(straight, tmp_path):
     assert resumed_losses == pytest.approx(straight_losses, abs=1e-5)
 
 
+@pytest.fixture(scope="module")
+def stock_adapter(tmp_path_factory) -> Path:
+    """A stock-peft adapter folder (r=4, alpha=8 like write_config) with non-zero B, on the tiny preset."""
+    from ossforge.model.presets import build_random
+    from tests.conftest import stock_peft_lora
+
+    folder = tmp_path_factory.mktemp("stock") / "adapter"
+    stock_peft_lora(build_random("tiny", seed=0), seed=1, scale=0.01).save_pretrained(str(folder))
+    return folder
+
+
+def test_warm_start_loads_the_adapter_and_resume_skips_it(stock_adapter, tmp_path, monkeypatch, capsys):
+    from ossforge.finetune import trainer
+
+    calls = []
+    real_load = trainer.load_init_adapter
+    monkeypatch.setattr(trainer, "load_init_adapter", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    config = write_config(tmp_path, "warm", max_steps=2)
+    warm = [f"lora.init_adapter={stock_adapter}"]
+    first = train_in_process(config, stop_after=1, overrides=warm)
+    assert first.steps == 1 and len(calls) == 1
+    assert f"  warm start {stock_adapter}\n" in capsys.readouterr().out
+    # one AdamW step from the stock weights moves each element by at most the step's lr (5e-3 x warmup 1/3)
+    before = load_file(stock_adapter / "adapter_model.safetensors")
+    after = load_file(tmp_path / "warm" / "adapter" / "adapter_model.safetensors")
+    assert after.keys() == before.keys()
+    for key in before:
+        assert (after[key] - before[key]).abs().max() < 2e-3, key
+    assert not all(torch.equal(after[key], before[key]) for key in before), "it trained"
+    assert yaml.safe_load((tmp_path / "warm" / "config.yaml").read_text())["lora"]["init_adapter"] == str(stock_adapter)
+
+    second = train_in_process(config, resume=True, overrides=warm)
+    assert second.steps == 2 and len(calls) == 1, "the checkpoint wins on resume: no second warm start"
+    out = capsys.readouterr().out
+    assert "  warm start skipped: resuming from checkpoint step-1 (lora.init_adapter not loaded)\n" in out
+
+
+def test_warm_start_from_an_ossforge_adapter_restores_every_lora_tensor(tmp_path):
+    """A previous run's adapter/ (here: lm_head among the targets, experts of one layer) loads exactly."""
+    from ossforge.finetune.config import LoraConfig
+    from ossforge.finetune.lora import apply_lora, load_init_adapter
+    from ossforge.finetune.run_dir import save_adapter
+    from ossforge.model.presets import build_random
+
+    lora = LoraConfig(r=2, alpha=4, targets=["q_proj", "lm_head"], expert_layers=[1],
+                      init_adapter=str(tmp_path / "adapter"))
+    previous = apply_lora(build_random("tiny", seed=0), lora)
+    with torch.no_grad():
+        for p in previous.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+    save_adapter(previous, tmp_path / "adapter")
+    want = {k: v for k, v in previous.state_dict().items() if "lora_" in k}
+
+    torch.manual_seed(1)
+    fresh = apply_lora(build_random("tiny", seed=0), lora)
+    assert load_init_adapter(fresh, lora) == len(want)
+    got = {k: v for k, v in fresh.state_dict().items() if "lora_" in k}
+    assert got.keys() == want.keys() and any("lm_head" in k for k in got)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def _adapter_copy(stock_adapter: Path, folder: Path, edit) -> Path:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(stock_adapter, folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    edit(tensors)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def _drop_one(t):
+    del t[sorted(k for k in t if "experts" in k)[0]]
+
+
+def _extra_layer(t):
+    t["base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 8)
+
+
+def _base_weight(t):
+    t["base_model.model.model.embed_tokens.weight"] = torch.zeros(2, 2)
+
+
+def _wrong_shape(t):
+    key = sorted(k for k in t if "q_proj.lora_A" in k)[0]
+    t[key] = torch.zeros(t[key].shape[0], t[key].shape[1] + 1)
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (_drop_one, "has no weights for 1 LoRA tensor(s) of this model, e.g. base_model.model.model.layers.0.mlp.experts"),
+    (_extra_layer, "holds 1 LoRA tensor(s) this model does not have, e.g. base_model.model.model.layers.7"),
+    (_base_weight, "holds 1 non-LoRA tensor(s), e.g. base_model.model.model.embed_tokens.weight"),
+    (_wrong_shape, "does not fit this model: size mismatch for base_model.model.model.layers.0.self_attn.q_proj"),
+])
+def test_warm_start_weights_must_match_the_lora_tensors_exactly(tiny_model, stock_adapter, tmp_path, edit, reason):
+    from ossforge.errors import UserError
+    from ossforge.finetune.config import LoraConfig
+    from ossforge.finetune.lora import apply_lora, load_init_adapter
+
+    folder = _adapter_copy(stock_adapter, tmp_path / "edited", edit)
+    lora = LoraConfig(r=4, alpha=8, init_adapter=str(folder))
+    model = apply_lora(tiny_model, lora)
+    with pytest.raises(UserError) as exc:
+        load_init_adapter(model, lora, "c.yaml")
+    assert str(exc.value).startswith(f"c.yaml: lora.init_adapter: {folder / 'adapter_model.safetensors'} ")
+    assert reason in str(exc.value) and "\n" not in str(exc.value)
+
+
 def test_crash_while_saving_keeps_previous_adapter(tiny_model, tmp_path, monkeypatch):
     import peft.peft_model
     from ossforge.finetune.config import LoraConfig
