@@ -1,13 +1,17 @@
 """Triton grouped GEMMs over experts; same signatures and semantics as ``reference.py``.
 
-``expert_matmul``: one program per (row tile, column tile). Row tiles come from ``routing.tile_table`` and
+``expert_matmul``: one program per (row tile, column tile), in grouped order (``GROUP_M`` row tiles sweep the
+column tiles together so their X rows and W columns stay in L2). Row tiles come from ``routing.tile_table`` and
 never straddle experts. The prologue gathers token rows through ``token_of_row`` (no permuted copy of X);
-the K loop also accumulates the LoRA down-projection ``x @ L1[e]`` (rank padded to 16); the epilogue adds
-``s * (x L1) L2[e]``, the bias, the routing weight, and for gate/up the clamped SwiGLU over the interleaved
-columns (two accumulators, gate = even, up = odd columns, so ``h`` and ``act`` come out of one pass); rows
-can be scattered back to slot order for a deterministic top-k sum. In backward the same kernel computes
-``g = dY W2^T (+ LoRA)`` with the SwiGLU backward as its epilogue (``dh``, ``act`` and per-tile partial sums of
-``g * act`` for the routing-weight gradient), so ``g`` never goes to memory.
+the K loop advances precomputed tile pointers and also accumulates the LoRA down-projection ``x @ L1[e]``
+(rank padded to 16); the epilogue adds ``s * (x L1) L2[e]``, the bias, the routing weight, and for gate/up
+the clamped SwiGLU. Every W, L1/L2, bias, h and dh tile is contiguous along its fast axis (16-byte cp.async
+loads, pipelined, feeding wgmma on Hopper): for SwiGLU a program owns ``BLOCK_N`` contiguous interleaved h
+columns (one accumulator, one dot) and de-interleaves (gate, up) in registers with ``reshape`` + ``split``;
+rows can be scattered back to slot order for a deterministic top-k sum. In backward the same kernel computes
+``g = dY W2^T (+ LoRA)`` with the SwiGLU backward as its epilogue (h read and dh written as contiguous
+``[BLOCK_M, 2 BLOCK_N]`` tiles split/joined in registers; ``act`` and per-tile partial sums of ``g * act`` for
+the routing-weight gradient), so ``g`` never goes to memory.
 
 ``expert_tn``: one program per (expert, P tile, Q tile) loops over that expert's rows: ``L_e^T R_e``
 (dA, dB and, for trainable experts, dW).
@@ -35,10 +39,16 @@ PREGATHER = False  # rows are gathered inside the kernels
 def _mm_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
+    # Hopper: 128-row tiles (BLOCK_M comes from the tile table), 128-256 wide, BLOCK_K 64, 3-4 stages.
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (256, 64, 8, 3), (64, 32, 4, 5)]
+        for bn, bk, w, s in [(256, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 8, 4),
+                                (64, 64, 4, 4)]
     ]
+
+
+MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _mm_configs())
+GROUP_M = tl.constexpr(8)  # row tiles that share each sweep over the column tiles (L2 reuse of X rows and W columns)
 
 
 def _tn_configs():
@@ -46,25 +56,27 @@ def _tn_configs():
         return [triton.Config({"BLOCK_P": 16, "BLOCK_Q": 16, "BLOCK_R": 16}, num_warps=1)]
     return [
         triton.Config({"BLOCK_P": bp, "BLOCK_Q": bq, "BLOCK_R": br}, num_warps=w, num_stages=s)
-        for bp, bq, br, w, s in [(64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (32, 128, 64, 4, 4), (16, 128, 64, 4, 4)]
+        for bp, bq, br, w, s in [(64, 128, 64, 4, 3), (128, 128, 32, 8, 3), (32, 128, 64, 4, 4), (16, 128, 64, 4, 4),
+                                 (16, 256, 64, 4, 4)]
     ]
 
 
 @triton.jit
-def _dot(a, b, CAST_F32: tl.constexpr):
+def _dot(a, b, acc, CAST_F32: tl.constexpr):
     if CAST_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
 
 
 # reset_to_zero: configs with a smaller BLOCK_N write more partial-sum rows; stale ones must not survive tuning.
-@triton.autotune(configs=_mm_configs(), key=["N", "K", "SWIGLU", "DSWIGLU", "HAS_LORA"], reset_to_zero=["part_ptr"])
+@triton.autotune(configs=_mm_configs(), key=["N", "K", "SWIGLU", "DSWIGLU", "HAS_LORA", "BLOCK_M"],
+                 reset_to_zero=["part_ptr"])
 @triton.jit
 def _expert_matmul_kernel(
     x_ptr, w_ptr, bias_ptr, l1_ptr, l2_ptr, scale_ptr, rows_ptr, perm_ptr,
     tile_expert_ptr, tile_start_ptr, offsets_ptr,
     out_ptr, act_ptr, xl_ptr, h_ptr, part_ptr,
-    N, K, R, lora_scaling,
+    N, K, R, num_m_tiles, lora_scaling,
     sxm, sxk, swe, swk, swn, sbe, sbn,
     s1e, s1k, s1r, s2e, s2r, s2n,
     som, son, sam, san, sxlm, sxlr, shm, shn, spn,
@@ -73,8 +85,15 @@ def _expert_matmul_kernel(
     ROW_SCALE: tl.constexpr, SWIGLU: tl.constexpr, DSWIGLU: tl.constexpr, CAST_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RANK: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Grouped order: GROUP row tiles (mostly one expert) sweep the column tiles together, so the X rows and
+    # the W columns they read stay in L2.
+    pid = tl.program_id(0)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n_tiles
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert < 0:
         return
@@ -83,65 +102,55 @@ def _expert_matmul_kernel(
     row_end = tl.load(offsets_ptr + e64 + 1)
     rows = row_start + tl.arange(0, BLOCK_M).to(tl.int64)
     mask_m = rows < row_end
+    # Rows past the tile's expert read a valid row (discarded at the store), so A loads need no row mask.
     if GATHER:
         src = tl.load(rows_ptr + rows, mask=mask_m, other=0).to(tl.int64)
     else:
-        src = rows
-    # Output columns of this program: plain, or (gate, up) = (2j, 2j + 1) for the SwiGLU epilogue.
+        src = tl.minimum(rows, row_end - 1)
+    # Accumulator columns of this program: contiguous columns of W. For SwiGLU they are interleaved
+    # (gate, up) pairs, split in the epilogue; for the dSwiGLU epilogue they are columns of act.
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if SWIGLU:
-        mask_n = cols < N // 2
-        cols_a = 2 * cols
-        cols_b = 2 * cols + 1
-    else:
-        mask_n = cols < N
-        cols_a = cols
-        cols_b = cols
+    mask_n = cols < N
     ks = tl.arange(0, BLOCK_K)
     rk = tl.arange(0, BLOCK_RANK)
-    acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    mask_r = rk < R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xl = tl.zeros((BLOCK_M, BLOCK_RANK), dtype=tl.float32)
-    x_rows = x_ptr + src[:, None] * sxm
-    w_base = w_ptr + e64 * swe
+    # Base pointers once; the K loop only advances them.
+    a_ptrs = x_ptr + src[:, None] * sxm + ks[None, :] * sxk
+    w_ptrs = w_ptr + e64 * swe + ks[:, None] * swk + cols[None, :] * swn
+    l1_ptrs = l1_ptr + e64 * s1e + ks[:, None] * s1k + rk[None, :] * s1r
     for k0 in range(0, K, BLOCK_K):
-        kk = (k0 + ks).to(tl.int64)
-        mask_k = kk < K
-        a = tl.load(x_rows + kk[None, :] * sxk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wa = tl.load(w_base + kk[:, None] * swk + cols_a[None, :] * swn,
-                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc_a += _dot(a, wa, CAST_F32)
-        if SWIGLU:
-            wb = tl.load(w_base + kk[:, None] * swk + cols_b[None, :] * swn,
-                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc_b += _dot(a, wb, CAST_F32)
+        mask_k = ks < K - k0
+        a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot(a, wt, acc, CAST_F32)
         if HAS_LORA:
-            l1 = tl.load(l1_ptr + e64 * s1e + kk[:, None] * s1k + rk[None, :] * s1r,
-                         mask=mask_k[:, None] & (rk[None, :] < R), other=0.0)
-            xl += _dot(a, l1, CAST_F32)
+            l1 = tl.load(l1_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            xl = _dot(a, l1, xl, CAST_F32)
+            l1_ptrs += BLOCK_K * s1k
+        a_ptrs += BLOCK_K * sxk
+        w_ptrs += BLOCK_K * swk
     if HAS_LORA:
-        mask_r = rk < R
-        l2a = tl.load(l2_ptr + e64 * s2e + rk[:, None] * s2r + cols_a[None, :] * s2n,
-                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc_a += lora_scaling * _dot(xl.to(l2a.dtype), l2a, CAST_F32)
-        if SWIGLU:
-            l2b = tl.load(l2_ptr + e64 * s2e + rk[:, None] * s2r + cols_b[None, :] * s2n,
-                          mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            acc_b += lora_scaling * _dot(xl.to(l2b.dtype), l2b, CAST_F32)
+        l2 = tl.load(l2_ptr + e64 * s2e + rk[:, None] * s2r + cols[None, :] * s2n,
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc += lora_scaling * _dot(xl.to(l2.dtype), l2, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), CAST_F32)
         if pid_n == 0:
             tl.store(xl_ptr + rows[:, None] * sxlm + rk[None, :] * sxlr, xl.to(xl_ptr.dtype.element_ty),
                      mask=mask_m[:, None] & mask_r[None, :])
     if HAS_BIAS:
-        acc_a += tl.load(bias_ptr + e64 * sbe + cols_a * sbn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if SWIGLU:
-            acc_b += tl.load(bias_ptr + e64 * sbe + cols_b * sbn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + e64 * sbe + cols * sbn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if DSWIGLU:
         # Backward epilogue of the down GEMM: acc = g = dY W2^T (+ LoRA) for columns j of act. With h's
         # gate/up pair (2j, 2j + 1) and the routing weight w: dh = dswiglu(h) * (w g), act = swiglu(h),
         # and this tile's share of sum_j g * act (the routing-weight gradient) into part[pid_n, row].
+        # h and dh are read and written as one contiguous [BLOCK_M, 2 BLOCK_N] tile, (de)interleaved in registers.
         mask_o = mask_m[:, None] & mask_n[None, :]
-        hg = tl.load(h_ptr + rows[:, None] * shm + (2 * cols)[None, :] * shn, mask=mask_o, other=0.0).to(tl.float32)
-        hu = tl.load(h_ptr + rows[:, None] * shm + (2 * cols + 1)[None, :] * shn, mask=mask_o, other=0.0)
+        hcols = 2 * pid_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+        mask_h = mask_m[:, None] & (hcols < 2 * N)[None, :]
+        h = tl.load(h_ptr + rows[:, None] * shm + hcols[None, :] * shn, mask=mask_h, other=0.0)
+        hg, hu = tl.split(tl.reshape(h, (BLOCK_M, BLOCK_N, 2)))
+        hg = hg.to(tl.float32)
         hu = hu.to(tl.float32)
         wrow = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
         gate = tl.minimum(hg, limit)
@@ -149,36 +158,36 @@ def _expert_matmul_kernel(
         sig = tl.sigmoid(gate * alpha)
         glu = gate * sig
         act = up_p1 * glu
-        ga = acc_a * wrow[:, None]
+        ga = acc * wrow[:, None]
         d_gate = tl.where(hg <= limit, ga * up_p1 * (sig + alpha * glu * (1.0 - sig)), 0.0)
         d_up = tl.where((hu >= -limit) & (hu <= limit), ga * glu, 0.0)
-        tl.store(out_ptr + rows[:, None] * som + (2 * cols)[None, :] * son, d_gate.to(out_ptr.dtype.element_ty),
-                 mask=mask_o)
-        tl.store(out_ptr + rows[:, None] * som + (2 * cols + 1)[None, :] * son, d_up.to(out_ptr.dtype.element_ty),
-                 mask=mask_o)
+        dh = tl.reshape(tl.join(d_gate, d_up), (BLOCK_M, 2 * BLOCK_N))
+        tl.store(out_ptr + rows[:, None] * som + hcols[None, :] * son, dh.to(out_ptr.dtype.element_ty), mask=mask_h)
         tl.store(act_ptr + rows[:, None] * sam + cols[None, :] * san, act.to(act_ptr.dtype.element_ty), mask=mask_o)
         act_r = act.to(act_ptr.dtype.element_ty).to(tl.float32)  # the stored act, as the reference sees it
-        part = tl.sum(tl.where(mask_o, acc_a * act_r, 0.0), axis=1)
+        part = tl.sum(tl.where(mask_o, acc * act_r, 0.0), axis=1)
         tl.store(part_ptr + pid_n * spn + rows, part, mask=mask_m)
         return
     if ROW_SCALE:
         scale = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
-        acc_a = acc_a * scale[:, None]
-        acc_b = acc_b * scale[:, None]
+        acc = acc * scale[:, None]
     if SCATTER:
         dst = tl.load(perm_ptr + rows, mask=mask_m, other=0).to(tl.int64)
     else:
         dst = rows
     mask_o = mask_m[:, None] & mask_n[None, :]
-    tl.store(out_ptr + dst[:, None] * som + cols_a[None, :] * son, acc_a.to(out_ptr.dtype.element_ty), mask=mask_o)
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + dst[:, None] * som + cols[None, :] * son, out, mask=mask_o)
     if SWIGLU:
-        tl.store(out_ptr + dst[:, None] * som + cols_b[None, :] * son, acc_b.to(out_ptr.dtype.element_ty),
-                 mask=mask_o)
-        # Round h to the storage dtype first so act == swiglu(stored h) exactly as in the reference.
-        gate = tl.minimum(acc_a.to(out_ptr.dtype.element_ty).to(tl.float32), limit)
-        up = tl.minimum(tl.maximum(acc_b.to(out_ptr.dtype.element_ty).to(tl.float32), -limit), limit)
+        # Columns (2j, 2j + 1) of h are (gate, up) of act column j. Round h to the storage dtype first so
+        # act == swiglu(stored h) exactly as in the reference.
+        hg, hu = tl.split(tl.reshape(out.to(tl.float32), (BLOCK_M, BLOCK_N // 2, 2)))
+        gate = tl.minimum(hg, limit)
+        up = tl.minimum(tl.maximum(hu, -limit), limit)
         act = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
-        tl.store(act_ptr + dst[:, None] * sam + cols[None, :] * san, act.to(act_ptr.dtype.element_ty), mask=mask_o)
+        acols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        mask_a = mask_m[:, None] & (acols < N // 2)[None, :]
+        tl.store(act_ptr + dst[:, None] * sam + acols[None, :] * san, act.to(act_ptr.dtype.element_ty), mask=mask_a)
 
 
 @triton.autotune(configs=_tn_configs(), key=["P", "Q"])
@@ -208,7 +217,7 @@ def _expert_tn_kernel(
                      mask=mask_m[None, :] & (ps[:, None] < P), other=0.0)
         rt = tl.load(r_ptr + rrow[:, None] * srm + qs[None, :] * srq,
                      mask=mask_m[:, None] & (qs[None, :] < Q), other=0.0)
-        acc += _dot(lt, rt, CAST_F32)
+        acc = _dot(lt, rt, acc, CAST_F32)
     tl.store(out_ptr + e64 * soe + ps[:, None] * sop + qs[None, :] * soq, acc.to(out_ptr.dtype.element_ty),
              mask=(ps[:, None] < P) & (qs[None, :] < Q))
 
@@ -247,24 +256,29 @@ def expert_matmul(x, w, routing: Routing, *, gather: bool = False, bias=None,
     block_m = _block_m(routing)
     tile_expert, tile_start, max_tiles = _tiles(routing, block_m)
     dummy = out
-    l1, l2 = (lora.l1, lora.l2) if lora is not None else (dummy.view(1, 1, -1), dummy.view(1, 1, -1))
+    if lora is not None:
+        # The K loop reads L1 [E, K, r] down K and the epilogue reads L2 [E, r, N] along N: give both that
+        # layout (peft's views are strided the other way in some calls; the copies are a few MB).
+        l1 = lora.l1 if lora.l1.stride(1) == 1 else lora.l1.transpose(1, 2).contiguous().transpose(1, 2)
+        l2 = lora.l2 if lora.l2.stride(2) == 1 else lora.l2.contiguous()
+    else:
+        l1 = l2 = dummy.view(1, 1, -1)
     xl_t = xl if xl is not None else dummy
     act_t = act if act is not None else dummy
     bias_t = bias if bias is not None else dummy
-    n_cols = n // 2 if swiglu_out else n
     h_t = dswiglu_of if dswiglu else dummy
     # Per-column-tile partial sums of g * act; the smallest BLOCK_N bounds the number of tiles.
-    part = torch.zeros(triton.cdiv(n_cols, 16), num_rows, device=x.device, dtype=torch.float32) if dswiglu \
+    part = torch.zeros(triton.cdiv(n, MIN_BLOCK_N), num_rows, device=x.device, dtype=torch.float32) if dswiglu \
         else torch.zeros(1, 1, device=x.device, dtype=torch.float32)
 
     def grid(meta):
-        return (max_tiles, triton.cdiv(n_cols, meta["BLOCK_N"]))
+        return (max_tiles * triton.cdiv(n, meta["BLOCK_N"]),)
 
     _expert_matmul_kernel[grid](
         x, w, bias_t, l1, l2, row_scale if row_scale is not None else dummy,
         routing.token_of_row, routing.perm, tile_expert, tile_start, routing.offsets,
         out, act_t, xl_t, h_t, part,
-        n, k, rank, float(lora.scaling) if lora is not None else 0.0,
+        n, k, rank, max_tiles, float(lora.scaling) if lora is not None else 0.0,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
         bias_t.stride(0), bias_t.stride(-1),
         l1.stride(0), l1.stride(1), l1.stride(2), l2.stride(0), l2.stride(1), l2.stride(2),

@@ -1,5 +1,8 @@
 """Each MoE kernel against its torch reference on edge cases; Triton runs in the CPU interpreter.
 
+With ``TRITON_INTERPRET=0`` on a machine with a GPU the same tests run the compiled kernels on CUDA
+(fp32 tiles use IEEE dots there, so the tolerances hold): ``TRITON_INTERPRET=0 pytest tests/test_kernels.py``.
+
 TRITON_INTERPRET must be set before triton compiles anything, hence before the kernels module import.
 Shapes are tiny and odd (K not a multiple of the 16-wide blocks, T below one block) because the
 interpreter is slow.
@@ -28,6 +31,15 @@ pytestmark = pytest.mark.skipif(not grouped_gemm.INTERPRET and not torch.cuda.is
                                 reason="triton imported before TRITON_INTERPRET was set and no GPU")
 
 E = 5
+DEVICE = torch.device("cpu" if grouped_gemm.INTERPRET else "cuda")
+
+if not grouped_gemm.INTERPRET:
+    # On CUDA these tests check what the kernels compute, not the tuning: one small config per kernel keeps the
+    # fp32 (IEEE dot) variants compiling in seconds instead of autotuning every config for every tiny shape.
+    grouped_gemm._expert_matmul_kernel.configs = [
+        c for c in grouped_gemm._mm_configs() if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) == (64, 64, 4)]
+    grouped_gemm._expert_tn_kernel.configs = [
+        c for c in grouped_gemm._tn_configs() if (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]) == (16, 128)]
 
 
 def _routing_index(kind: str, tokens: int, top_k: int, seed: int = 0):
@@ -40,7 +52,7 @@ def _routing_index(kind: str, tokens: int, top_k: int, seed: int = 0):
     elif kind == "one_expert":  # top_k = 1, everything on expert 4
         logits[:, 4] = 1e4
     vals, idx = torch.topk(logits, top_k)
-    return idx, torch.softmax(vals, -1)
+    return idx.to(DEVICE), torch.softmax(vals, -1).to(DEVICE)
 
 
 CASES = [("random", 13, 2), ("empty", 9, 2), ("hot", 11, 3), ("one_expert", 7, 1), ("random", 3, 2)]
@@ -72,7 +84,7 @@ def test_swiglu_backward_matches_autograd():
 
 
 def _rand(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.5
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.5).to(DEVICE)
 
 
 def _close(a, b, rtol=2e-5, what=""):
@@ -113,6 +125,22 @@ def test_expert_matmul_down_scatter_and_transposed(kind, tokens, top_k):
     want = reference.expert_matmul(dout, w.transpose(1, 2), routing, **kw)
     _close(got[0], want[0])
     _close(got[2], want[2])
+
+
+@pytest.mark.parametrize("kind,tokens,top_k", CASES[:3])
+def test_down_backward_matches_reference(kind, tokens, top_k):
+    """dSwiGLU epilogue: h read and dh written as contiguous interleaved tiles; I=37 spans 3 column tiles."""
+    idx, weights = _routing_index(kind, tokens, top_k)
+    routing = sort_by_expert(idx, E)
+    w, h = _rand(E, 37, 21, seed=16), _rand(tokens * top_k, 74, seed=17) * 12  # reaches past the clamp limit
+    a, bmat = lora_views(_rand(3 * E, 37, seed=18), _rand(21, 3 * E, seed=19), E)
+    scale = weights.reshape(-1)[routing.perm].contiguous()
+    dout = _rand(tokens, 21, seed=20)
+    got = grouped_gemm.down_backward(dout, w.transpose(1, 2), routing, h, scale, LoraFactors(bmat, a, 1.5))
+    want = reference.down_backward(dout.index_select(0, routing.token_of_row), w.transpose(1, 2), routing, h,
+                                   scale, LoraFactors(bmat, a, 1.5))
+    for name, g, r in zip(("dh", "act", "g_dot_act", "dyl"), got, want):
+        _close(g, r, what=name)
 
 
 @pytest.mark.parametrize("kind,tokens,top_k", CASES)
@@ -205,11 +233,11 @@ def test_fuse_moe_triton_backend_matches_stock_peft():
     from ossforge.model import fuse_moe
     from ossforge.model.presets import build_random
 
-    model = build_random("tiny", seed=5, hidden_size=48, intermediate_size=40, num_local_experts=5)
+    model = build_random("tiny", seed=5, hidden_size=48, intermediate_size=40, num_local_experts=5).to(DEVICE)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj"],
                                              target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
     fused = fuse_moe(copy.deepcopy(model), backend="triton")
-    ids = torch.tensor([[200006, 1428, 200008, 12194, 0, 13, 200007, 200006, 173781]])
+    ids = torch.tensor([[200006, 1428, 200008, 12194, 0, 13, 200007, 200006, 173781]], device=DEVICE)
     results = []
     for m in (model, fused):
         out = m(input_ids=ids, labels=ids)
