@@ -89,6 +89,7 @@ class TrainingConfig(_Section):
     seed: int = 0
     warmup_steps: int = Field(0, ge=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine/linear decay to lr * min_lr_ratio
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ossforge.errors import UserError, where
+from ossforge.finetune.host_memory import reuse_freed_memory
 from ossforge.finetune.lora import apply_lora, check_init_adapter, load_init_adapter, peft_config, summarize
 from ossforge.finetune.expert_parallel import apply_expert_parallel, ep_independent, optimizer_param_groups
 from ossforge.finetune.plan import check_topology
@@ -151,8 +152,9 @@ def prepare_modules(model, config):
 
 
 def lr_lambda(training):
-    """LR multiplier for optimizer step ``s``: linear warmup, then cosine / linear decay or constant."""
-    warmup, total, kind = training.warmup_steps, training.max_steps, training.lr_scheduler
+    """LR multiplier for optimizer step ``s``: linear warmup, then cosine / linear decay to
+    ``min_lr_ratio`` or constant."""
+    warmup, total, kind, floor = training.warmup_steps, training.max_steps, training.lr_scheduler, training.min_lr_ratio
 
     def factor(s: int) -> float:
         if s < warmup:
@@ -160,7 +162,8 @@ def lr_lambda(training):
         if kind == "constant":
             return 1.0
         progress = min(1.0, (s - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+        return floor + (1.0 - floor) * decay
 
     return factor
 
@@ -412,6 +415,8 @@ def train(config, resume: bool = False, config_path=None, stop_after: int | None
     run = RunDir(config.output_dir)
     resume_tag = run.check_resumable() if resume else None
     device = pick_device()
+    if device.type == "cpu":
+        reuse_freed_memory()  # logit-sized buffers are reused instead of page-faulted in every step
     dtype = resolve_dtype(config.model.dtype, device.type)
     ds_config = deepspeed_config(config, dtype, config_path)
     peft_config(config.lora, 0)  # raises on an empty LoRA

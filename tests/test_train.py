@@ -328,3 +328,15 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert tag == f"step-{steps[-1]}"
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_lr_schedule_decays_to_min_lr_ratio(kind):
+    from ossforge.finetune.config import TrainingConfig
+    from ossforge.finetune.trainer import lr_lambda
+
+    factor = lr_lambda(TrainingConfig(max_steps=110, warmup_steps=10, lr_scheduler=kind, min_lr_ratio=0.3))
+    assert factor(0) < factor(9) < 1.0 and factor(10) == pytest.approx(1.0)
+    assert factor(60) == pytest.approx(0.65)  # halfway: both schedules are at the midpoint
+    assert factor(110) == pytest.approx(0.3) and factor(500) == pytest.approx(0.3)
+    assert lr_lambda(TrainingConfig(max_steps=110, lr_scheduler=kind))(110) == pytest.approx(0.0)
