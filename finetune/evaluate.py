@@ -8,8 +8,10 @@ are the answer; none = a "no call" case), and the question of a multiple-choice 
 agents layer (``TransformersBackend``) and ``parse_completion`` turns it into the ``AIMessage`` an
 agent would receive; that message is what gets scored:
 
-- ``tool_call_accuracy``: BFCL-style AST check of the calls (see ``domains/scoring.py``); a "no
-  call" case passes only with a final answer and no call;
+- ``tool_call_accuracy``: rows converted from BFCL are scored exactly as BFCL's AST checker does
+  (``domains/bfcl_checker.py``), the rest by ossforge's schema-strict checks (``domains/scoring.py``;
+  a "no call" case passes only with a final answer and no call); ``--scoring`` picks one for all;
+- per BFCL category, and the leaderboard's non-live / live / irrelevance columns, on BFCL rows;
 - ``accuracy``: multiple-choice (``Answer: X``) and exact-number answers;
 - ``eval_loss``: token-weighted loss on the eval rows, as training computes it;
 - the same per reasoning effort, with output and reasoning tokens spent.
@@ -56,6 +58,10 @@ def add_arguments(p):
                         "such as low,high: every case at each effort")
     p.add_argument("--max-new-tokens", type=int, default=160, help="generation budget per case (default 160)")
     p.add_argument("--out", help="folder for eval.json / eval.png (default: the adapter's run folder or output_dir)")
+    p.add_argument("--scoring", choices=SCORING, default="auto",
+                   help="how tool calls are judged: 'bfcl' = exactly as BFCL's own AST checker; 'schema' = "
+                        "stricter checks against each tool's JSON schema (enums, required); 'auto' (default) = "
+                        "bfcl for rows converted from BFCL, schema for the rest")
     p.add_argument("--json", action="store_true", help="print only the JSON (no table, no progress bar)")
 
 
@@ -72,6 +78,8 @@ class Case:
     expected: list = field(default_factory=list)  # tool_call: ground truth
     answer: Optional[str] = None  # choice / exact
     choices: list = field(default_factory=list)
+    category: Optional[str] = None  # BFCL test category (metadata.category), for per-category figures
+    functions: Optional[list] = None  # BFCL's original function descriptions: BFCL-exact scoring
 
 
 def row_cases(row: dict, where: str, efforts: list[str] | None) -> list[Case]:
@@ -94,9 +102,12 @@ def row_cases(row: dict, where: str, efforts: list[str] | None) -> list[Case]:
                 reply = next((m for m in msgs[i + 1:] if m["role"] == "assistant"), None)
                 if reply is None:
                     continue
-                expected = (meta["ground_truth"] if n == 0 and "ground_truth" in meta
-                            else expected_from_calls(reply.get("tool_calls") or []))
-                out.append(Case(where, msgs[:i + 1], tools, effort, "tool_call", expected=expected))
+                first = n == 0 and "ground_truth" in meta
+                expected = meta["ground_truth"] if first else expected_from_calls(reply.get("tool_calls") or [])
+                bfcl = first and meta.get("source") == "bfcl" and isinstance(meta.get("functions"), list)
+                out.append(Case(where, msgs[:i + 1], tools, effort, "tool_call", expected=expected,
+                                category=meta.get("category") if bfcl else None,
+                                functions=meta["functions"] if bfcl else None))
     return out
 
 
@@ -168,11 +179,24 @@ def generate_reply(backend, case: Case, max_new_tokens: int) -> Reply:
     return reply
 
 
-def score(case: Case, reply: Reply) -> dict:
+SCORING = ("auto", "bfcl", "schema")
+
+
+def score(case: Case, reply: Reply, scoring: str = "auto") -> dict:
+    """Score one reply. Tool calls: ``bfcl`` = BFCL's AST checker rules (``domains/bfcl_checker.py``),
+    for rows converted from BFCL; ``schema`` = ossforge's stricter checks (enums, the schema's
+    required parameters, JSON types; ``domains/scoring.py``), right for the project's own domain
+    sets; ``auto`` = ``bfcl`` for BFCL-sourced rows, ``schema`` for the rest."""
+    from ossforge.finetune.domains.bfcl_checker import check_calls_bfcl
     from ossforge.finetune.domains.scoring import check_calls, choice_answer, exact_answer_ok
 
     if case.kind == "tool_call":
-        if not case.expected:
+        bfcl = case.functions is not None and scoring in ("auto", "bfcl")
+        if bfcl:  # BFCL: an undecodable call is no call (passes irrelevance, fails the rest)
+            why = check_calls_bfcl(reply.calls, case.expected, case.functions, case.category or "simple")
+            if why is None and case.expected and reply.invalid:
+                why = f"invalid tool call: {reply.invalid[0].get('error')}"
+        elif not case.expected:
             why = ("called a tool" if reply.calls or reply.invalid else
                    None if reply.content.strip() else "no final answer")
         elif reply.invalid:
@@ -223,14 +247,45 @@ def _got(reply: Reply) -> str:
     return reply.content[:160]
 
 
-def evaluate_model(backend, cases: list[Case], max_new_tokens: int, label: str, quiet: bool) -> dict:
+NON_LIVE = ("simple_python", "multiple", "parallel", "parallel_multiple")
+LIVE = ("live_simple", "live_multiple", "live_parallel", "live_parallel_multiple")
+IRRELEVANCE = ("irrelevance", "live_irrelevance")
+
+
+def by_category(results: list[tuple[Case, Reply, dict]]) -> dict:
+    """Accuracy per BFCL category, and the leaderboard's column figures over the categories present:
+    non-live = unweighted mean of its categories, live = case-weighted mean, irrelevance = unweighted
+    mean of irrelevance and live_irrelevance (as BFCL's ``eval_runner_helper`` computes them; BFCL
+    counts a category that was not run as 0, here it is left out and ``categories`` says what ran)."""
+    cats: dict[str, list[float]] = {}
+    for case, _, s in results:
+        if case.category:
+            cats.setdefault(case.category, []).append(float(s["ok"]))
+    if not cats:
+        return {}
+    per = {c: {"accuracy": round(sum(v) / len(v), 4), "cases": len(v)} for c, v in sorted(cats.items())}
+    groups = {}
+    for group, names, weighted in (("non_live", NON_LIVE, False), ("live", LIVE, True), ("irrelevance", IRRELEVANCE, False)):
+        present = [per[c] for c in names if c in per]
+        if present:
+            acc = (sum(p["accuracy"] * p["cases"] for p in present) / sum(p["cases"] for p in present) if weighted
+                   else sum(p["accuracy"] for p in present) / len(present))
+            groups[group] = {"accuracy": round(acc, 4), "categories": [c for c in names if c in per]}
+    return {"categories": per, "groups": groups}
+
+
+def evaluate_model(backend, cases: list[Case], max_new_tokens: int, label: str, quiet: bool,
+                   scoring: str = "auto") -> dict:
     from tqdm.auto import tqdm
 
     results = []
     for case in tqdm(cases, desc=f"eval {label}", unit="case", disable=quiet, file=sys.stderr, dynamic_ncols=True):
         reply = generate_reply(backend, case, max_new_tokens)
-        results.append((case, reply, score(case, reply)))
+        results.append((case, reply, score(case, reply, scoring)))
     metrics = summarize(results)
+    bfcl = by_category(results)
+    if bfcl:
+        metrics["bfcl"] = bfcl
     metrics["by_effort"] = {e: summarize([x for x in results if x[0].effort == e])
                             for e in EFFORTS if any(x[0].effort == e for x in results)}
     metrics["failures"] = [{"where": c.where, "effort": c.effort, "why": s["why"], "got": _got(r)}
@@ -257,22 +312,44 @@ def _num(x) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
+RANDOM_INIT_NOTE = ("base is a random-init preset: judge the call format (well_formed_calls, no_call_accuracy); "
+                    "argument accuracy is a real-weights figure")
+
+
+def _line(label: str, vals: list, fmt) -> str:
+    line = f"{label:<22}" + "".join(f"{fmt(v):>12}" for v in vals)
+    if len(vals) == 2 and None not in vals:
+        d = vals[1] - vals[0]
+        line += f"{(f'{100 * d:+.1f} pts' if fmt is _pct else f'{d:+.4g}'):>12}"
+    return line
+
+
 def format_table(report: dict) -> str:
     models = [m for m in ("base", "tuned") if m in report]
-    rows = [("tool_call_accuracy", _pct), ("call_accuracy", _pct), ("no_call_accuracy", _pct),
-            ("well_formed_calls", _pct), ("accuracy", _pct), ("eval_loss", _num),
-            ("output_tokens", _num), ("reasoning_tokens", _num)]
+    calls = [("tool_call_accuracy", _pct), ("call_accuracy", _pct)]
+    form = [("well_formed_calls", _pct), ("no_call_accuracy", _pct)]
+    # A random-init base cannot copy arguments: the format-level figures are the ones to read first.
+    rows = (form + calls if report.get("random_init_base") else calls + form) + [
+        ("accuracy", _pct), ("eval_loss", _num), ("output_tokens", _num), ("reasoning_tokens", _num)]
     head = f"{'metric':<22}" + "".join(f"{m:>12}" for m in models) + (f"{'delta':>12}" if len(models) == 2 else "")
-    lines = [f"ossforge eval: {report['data']} ({report['cases']} cases, efforts: {report['efforts']})", head]
+    lines = [f"ossforge eval: {report['data']} ({report['cases']} cases, efforts: {report['efforts']}, "
+             f"tool calls scored: {report.get('scoring', 'auto')})", head]
     for key, fmt in rows:
         vals = [report[m].get(key) for m in models]
-        if all(v is None for v in vals):
-            continue
-        line = f"{key:<22}" + "".join(f"{fmt(v):>12}" for v in vals)
-        if len(models) == 2 and None not in vals:
-            d = vals[1] - vals[0]
-            line += f"{(f'{100 * d:+.1f} pts' if fmt is _pct else f'{d:+.4g}'):>12}"
-        lines.append(line)
+        if not all(v is None for v in vals):
+            lines.append(_line(key, vals, fmt))
+    bfcl = [report[m].get("bfcl") or {} for m in models]
+    if any(bfcl):
+        lines.append("BFCL (accuracy per category; leaderboard columns over the categories run)")
+        names = sorted({c for b in bfcl for c in b.get("categories", {})})
+        for c in names:
+            vals = [b.get("categories", {}).get(c, {}).get("accuracy") for b in bfcl]
+            n = next(b["categories"][c]["cases"] for b in bfcl if c in b.get("categories", {}))
+            lines.append(_line(f"  {c} ({n})", vals, _pct))
+        for g in ("non_live", "live", "irrelevance"):
+            vals = [b.get("groups", {}).get(g, {}).get("accuracy") for b in bfcl]
+            if not all(v is None for v in vals):
+                lines.append(_line(f"  {g.replace('_', '-')}", vals, _pct))
     for effort in EFFORTS:
         per = [report[m]["by_effort"].get(effort) for m in models]
         if all(p is None for p in per):
@@ -393,10 +470,11 @@ def run(args) -> int:
     model.config.use_cache = True
     report: dict[str, Any] = {"config": str(args.config), "data": str(data), "cases": len(cases),
                               "efforts": args.efforts, "base_model": base_source,
-                              "adapter": str(adapter) if adapter else None}
+                              "adapter": str(adapter) if adapter else None, "scoring": args.scoring,
+                              "random_init_base": bool(config.model.preset)}
     if not args.no_base:
         backend = TransformersBackend(model, device=str(device))
-        report["base"] = evaluate_model(backend, cases, args.max_new_tokens, "base", args.json)
+        report["base"] = evaluate_model(backend, cases, args.max_new_tokens, "base", args.json, args.scoring)
         report["base"]["eval_loss"] = eval_loss(model, examples, config, device)
     if adapter is not None:
         from peft import PeftModel
@@ -406,7 +484,7 @@ def run(args) -> int:
         unfuse_moe(model)  # peft wraps the stock layers; the backend fuses again
         tuned = PeftModel.from_pretrained(model, str(adapter))
         backend = TransformersBackend(tuned, device=str(device))
-        report["tuned"] = evaluate_model(backend, cases, args.max_new_tokens, "tuned", args.json)
+        report["tuned"] = evaluate_model(backend, cases, args.max_new_tokens, "tuned", args.json, args.scoring)
         report["tuned"]["eval_loss"] = eval_loss(tuned, examples, config, device)
     if "base" in report and "tuned" in report:
         report["delta_points"] = {k: round(100 * (report["tuned"][k] - report["base"][k]), 1)
@@ -422,6 +500,8 @@ def run(args) -> int:
     atomic.write_text(out_dir / "eval.json", json.dumps(report, indent=1) + "\n")
     if not args.json:
         print(format_table(report), file=sys.stderr)
+        if report["random_init_base"]:
+            print(f"note: {RANDOM_INIT_NOTE}", file=sys.stderr)
         print(f"plot: {out_dir / 'eval.png'}", file=sys.stderr)
     print(json.dumps(report, indent=1))
     return 0

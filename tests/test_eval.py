@@ -188,3 +188,67 @@ def test_write_report(tmp_path):
     text = write_report(run).read_text()
     assert "loss.png" in text and "expert_load.png" in text and "50.0%" in text and "(27% lower)" in text
     assert (run / "expert_load.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- BFCL-exact scoring
+
+HOTEL = {"name": "hotel.book", "parameters": {"type": "dict", "required": ["city", "guests"], "properties": {
+    "city": {"type": "string", "enum": ["Paris", "Rome"]},
+    "guests": {"type": "dict", "properties": {"adults": {"type": "integer"}, "children": {"type": "integer"}}},
+    "nights": {"type": "float"},
+    "rooms": {"type": "array", "items": {"type": "integer"}},
+    "budget": {"type": "integer"}}}}
+HOTEL_GT = [{"hotel_book": {"city": ["Berlin"], "guests": [{"adults": [2], "children": [0, ""]}],
+                            "nights": [3.0], "rooms": ["data['rooms']", ""], "budget": [None, ""]}}]
+
+
+@pytest.mark.parametrize("args,ok", [
+    ({"city": "berlin", "guests": {"adults": 2}, "nights": 3}, True),  # enum not checked, int -> float, optional key
+    ({"city": "Berlin", "guests": {"adults": [2]}, "nights": 3.0}, False),  # the answer's list is not the value
+    ({"city": "Berlin", "guests": {"adults": 2, "children": 0}, "nights": 3.0, "budget": None}, True),  # None allowed
+    ({"city": "Berlin", "guests": {"adults": 2}, "nights": 3.0, "rooms": "data['rooms']"}, True),  # variable rule
+    ({"city": "Berlin", "guests": {"adults": 2}, "nights": 3.0, "rooms": [1, 2]}, False),
+    ({"city": "Berlin", "guests": {"adults": 2}, "nights": 3.0, "budget": 100}, False),
+    ({"city": "Berlin", "guests": {"adults": True}, "nights": 3.0}, False),  # bool is no integer answer
+    ({"city": "Berlin", "nights": 3.0}, False),  # required
+])
+def test_bfcl_scoring_rules(args, ok):
+    from ossforge.finetune.domains.bfcl_checker import check_calls_bfcl
+
+    assert (check_calls_bfcl([{"name": "hotel_book", "args": args}], HOTEL_GT, [HOTEL], "simple_python") is None) is ok
+
+
+def test_bfcl_rows_are_scored_bfcl_style_unless_asked(tmp_path):
+    """``score`` picks BFCL's rules for BFCL-sourced cases; ``schema`` keeps the strict enum check."""
+    from ossforge.finetune.evaluate import Case, Reply, score
+
+    case = Case("b:1", [{"role": "user", "content": "u"}], [], "low", "tool_call", expected=HOTEL_GT,
+                category="simple_python", functions=[HOTEL])
+    reply = Reply([{"name": "hotel_book", "args": {"city": "Berlin", "guests": {"adults": 2}, "nights": 3}}], [], "", 1, 0)
+    assert score(case, reply)["ok"] and score(case, reply, "bfcl")["ok"]
+    assert not score(case, reply, "schema")["ok"]  # Berlin is outside the schema's enum
+
+
+def test_eval_cli_reports_bfcl_categories(tmp_path):
+    """``ossforge eval --data`` on converted BFCL rows: per-category accuracy and the leaderboard columns."""
+    from ossforge.finetune.domains.common import write_jsonl
+    from ossforge.finetune.domains.loaders import load_bfcl
+    from tests import bfcl_upstream as up
+
+    data = up.extract_data(tmp_path / "bfcl")
+    rows = []
+    for category in ("simple_python", "live_parallel", "live_irrelevance"):
+        rows += load_bfcl(*up.category_files(data, category), limit=2)
+    converted = tmp_path / "bfcl.jsonl"
+    write_jsonl(converted, rows)
+    cfg = _tiny_config(tmp_path)
+    proc = run_cli("eval", str(cfg), "--data", str(converted), "--max-new-tokens", "4", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)["base"]["bfcl"]
+    assert set(report["categories"]) == {"simple_python", "live_parallel", "live_irrelevance"}
+    assert all(c["cases"] == 2 for c in report["categories"].values())
+    assert set(report["groups"]) == {"non_live", "live", "irrelevance"}
+    assert "simple_python (2)" in proc.stderr and "non-live" in proc.stderr and "random-init preset" in proc.stderr
+    table = proc.stderr.splitlines()
+    assert table.index(next(x for x in table if x.startswith("well_formed_calls"))) < \
+        table.index(next(x for x in table if x.startswith("tool_call_accuracy")))

@@ -160,9 +160,16 @@ def load_gsm8k(path: str | Path, limit: Optional[int] = None, effort: str = "med
 
 # ----------------------------------------------------------------------------- BFCL
 
-_BFCL_TYPES = {"dict": "object", "float": "number", "tuple": "array", "integer": "integer", "string": "string",
-               "boolean": "boolean", "array": "array", "number": "number", "object": "object"}
+# BFCL's Python-flavoured type names -> JSON schema, as BFCL itself maps them for OpenAI-style models
+# (``bfcl_eval.constants.type_mappings.GORILLA_TO_OPENAPI``): ``any`` is presented as a string there too.
+_BFCL_TYPES = {"dict": "object", "float": "number", "tuple": "array", "any": "string", "integer": "integer",
+               "string": "string", "boolean": "boolean", "array": "array", "number": "number", "object": "object"}
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
+# Keywords whose value is one schema / a list of schemas / a {name: schema} map. Everything else
+# (descriptions, defaults, enums, required lists, unknown keys) is data and is copied untouched.
+_SUBSCHEMA = ("items", "additionalProperties", "not")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 
 
 def safe_tool_name(name: str) -> str:
@@ -171,15 +178,26 @@ def safe_tool_name(name: str) -> str:
 
 
 def _schema(node: Any) -> Any:
-    """BFCL's Python-flavoured types (dict, float, tuple, any) -> JSON schema."""
-    if isinstance(node, list):
-        return [_schema(x) for x in node]
+    """One BFCL parameter schema -> JSON schema: only the ``type`` *keyword* is rewritten.
+
+    The walk follows the schema's structure, so a parameter that happens to be called ``type``,
+    ``items`` or ``format`` (BFCL has ~300 of them) is a name inside ``properties`` and survives
+    with its own schema converted.
+    """
     if not isinstance(node, dict):
         return node
-    out = {k: _schema(v) for k, v in node.items() if k != "type"}
-    t = node.get("type")
-    if isinstance(t, str) and t in _BFCL_TYPES:
-        out["type"] = _BFCL_TYPES[t]
+    out = {}
+    for key, value in node.items():
+        if key == "type":
+            out[key] = _BFCL_TYPES.get(value, value) if isinstance(value, str) else value
+        elif key in _SUBSCHEMA and isinstance(value, (dict, list)):
+            out[key] = [_schema(v) for v in value] if isinstance(value, list) else _schema(value)
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            out[key] = [_schema(v) for v in value]
+        elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _schema(v) for name, v in value.items()}
+        else:
+            out[key] = value
     return out
 
 
@@ -194,23 +212,53 @@ def _bfcl_question(where: str, q: Any) -> list[dict]:
     raise UserError(f"{where}: question: expected a string or a list of chat turns")
 
 
-def _first_allowed(values: Any) -> tuple[bool, Any]:
+def _first_allowed(values: Any, schema: Optional[dict] = None) -> tuple[bool, Any]:
     """(present, value) for one BFCL ground-truth parameter: a list of allowed values, ``""`` =
-    may be omitted."""
+    may be omitted. The answer of a ``dict`` parameter (or of each item of an array of dicts) is
+    itself ``{key: [allowed...]}``, one level deep as BFCL's checker reads it: it becomes a concrete
+    object (``{"adults": [2]}`` -> ``{"adults": 2}``)."""
     if not isinstance(values, list):
         return True, values
+    kind = (schema or {}).get("type")
+    items = ((schema or {}).get("items") or {}).get("type") if isinstance((schema or {}).get("items"), dict) else None
     for v in values:
-        if v != "":
-            return True, v
+        if v == "":
+            continue
+        if kind == "dict" and isinstance(v, dict):
+            return True, _concrete_dict(v)
+        if kind in ("array", "tuple") and items == "dict" and isinstance(v, list):
+            return True, [_concrete_dict(x) if isinstance(x, dict) else x for x in v]
+        return True, v
     return False, None
+
+
+def _concrete_dict(allowed: dict) -> dict:
+    out = {}
+    for key, options in allowed.items():
+        present, value = _first_allowed(options)
+        if present:
+            out[key] = value
+    return out
+
+
+_CATEGORY = re.compile(r"_\d+(?:-\d+)*$")
+
+
+def bfcl_category(ident: str) -> str:
+    """BFCL's test category from an entry id: ``live_simple_3-2-1`` -> ``live_simple``."""
+    return _CATEGORY.sub("", ident)
 
 
 def load_bfcl(path: str | Path, answers: Optional[str | Path] = None, limit: Optional[int] = None,
               effort: str = "low") -> list[dict]:
     """BFCL function-calling entries (``question``, ``function``) with their ground truth from a
     ``possible_answer`` file (joined on ``id``). Entries without ground truth (the irrelevance
-    category) become "no call" rows. The training target is the first allowed value of each
-    parameter; evaluation accepts any allowed value (``metadata.ground_truth``)."""
+    categories) become "no call" rows. The training target is the first allowed value of each
+    parameter; evaluation accepts any allowed value (``metadata.ground_truth``).
+
+    ``metadata`` also keeps the entry's ``category`` and its original ``functions`` (BFCL's own types:
+    ``float``, ``tuple``, ``any``, ``dict``), which BFCL-exact scoring needs.
+    """
     truth: dict[str, Any] = {}
     if answers is not None:
         for where, rec in _records(answers):
@@ -220,17 +268,19 @@ def load_bfcl(path: str | Path, answers: Optional[str | Path] = None, limit: Opt
     for where, rec in _take(_records(path), limit):
         question, functions = _need(where, rec, "question", "function")
         ident = str(rec.get("id", where))
+        category = bfcl_category(ident)
         functions = functions if isinstance(functions, list) else [functions]
-        tools, names = [], {}
+        tools, names, by_name = [], {}, {}
         for f in functions:
             if not isinstance(f, dict) or not f.get("name"):
                 raise UserError(f"{where}: function: every function needs a name")
             names[f["name"]] = safe_tool_name(f["name"])
+            by_name[f["name"]] = f
             tools.append({"name": names[f["name"]], "description": str(f.get("description", "")),
                           "parameters": _schema(f.get("parameters") or {"type": "object", "properties": {}})})
         msgs = _bfcl_question(where, question)
         gt = truth.get(ident)
-        if gt is None and answers is not None and not ident.startswith("irrelevance"):
+        if gt is None and answers is not None and "irrelevance" not in category:
             raise UserError(f"{where}: no ground truth for id {ident!r} in {answers}")
         if gt:
             calls, ground = [], []
@@ -240,9 +290,12 @@ def load_bfcl(path: str | Path, answers: Optional[str | Path] = None, limit: Opt
                 (fname, params), = entry.items()
                 if fname not in names:
                     raise UserError(f"{where}: ground_truth names unknown function {fname!r}")
+                props = (by_name[fname].get("parameters") or {}).get("properties") or {}
                 args = {}
                 for p, values in params.items():
-                    present, value = _first_allowed(values)
+                    if p not in props and isinstance(values, list) and "" in values:
+                        continue  # an optional answer the function does not declare (a BFCL data slip)
+                    present, value = _first_allowed(values, props.get(p))
                     if present:
                         args[p] = value
                 calls.append(call(names[fname], args))
@@ -256,7 +309,8 @@ def load_bfcl(path: str | Path, answers: Optional[str | Path] = None, limit: Opt
         rest = [m for m in msgs if m["role"] != "system"]
         instructions = "\n\n".join([BFCL_SYSTEM, *(m["content"] for m in system)])
         rows.append({**row(instructions, [*rest, reply], tools, effort),
-                     "metadata": {**meta, "source": "bfcl", "id": ident}})
+                     "metadata": {**meta, "source": "bfcl", "id": ident, "category": category,
+                                  "functions": functions}})
     return rows
 
 

@@ -1,4 +1,7 @@
-"""Scoring of model outputs: BFCL-style AST checks of tool calls, answers of choice/exact sets.
+"""Scoring of model outputs: schema-strict checks of tool calls, answers of choice/exact sets.
+
+These are ossforge's own rules, for the project's domain sets; rows converted from BFCL are scored by
+BFCL's rules instead (:mod:`ossforge.finetune.domains.bfcl_checker`, ``ossforge eval --scoring``).
 
 A tool-call case expects a list of calls, each ``{function_name: {param: [allowed values]}}`` (the
 Berkeley Function-Calling Leaderboard's ``ground_truth`` layout; ``""`` among the allowed values
