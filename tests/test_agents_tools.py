@@ -157,9 +157,9 @@ def test_domain_tools_cannot_reach_shell_or_files():
     import ast
     import inspect
 
-    from ossforge.agents.domains import mathexpr
+    from ossforge.agents.domains import answers, mathexpr
 
-    for mod in (med, edu, mathexpr):
+    for mod in (med, edu, mathexpr, answers):
         tree = ast.parse(inspect.getsource(mod))
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
                     for a in n.names} | {n.module.split(".")[0] for n in ast.walk(tree)
