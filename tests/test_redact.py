@@ -87,12 +87,27 @@ def test_overlapping_detections_merge_into_one_span():
     assert [(s.start, s.end, s.tag) for s in spans] == [(0, 14, "[DOB]")]
 
 
-def test_names_only_with_an_ner_pipeline():
-    text = "Dr Jane Smith saw the patient"
-    if names_detected():
-        assert "Jane" not in redact(text)
-    else:  # documented: without spaCy and an NER pipeline, names pass through
-        assert redact(text) == text
+def test_names_need_an_ner_pipeline(tmp_path, monkeypatch):
+    """Without an NER pipeline names pass through (documented); with one (here a rule-based spaCy pipeline
+    saved to disk and named by OSSFORGE_PII_NER_MODEL) PERSON entities become [NAME]."""
+    from ossforge.agents import trace
+
+    spacy = pytest.importorskip("spacy")  # the pii-ner extra (also in dev)
+    text = "Dr Jane Smith saw the patient on ward 5"
+    monkeypatch.setenv("OSSFORGE_PII_NER_MODEL", str(tmp_path / "missing"))
+    trace._ner_pipeline.cache_clear()
+    assert not names_detected() and redact(text) == text
+    nlp = spacy.blank("en")
+    nlp.add_pipe("entity_ruler").add_patterns([{"label": "PERSON", "pattern": [{"TEXT": "Jane"}, {"TEXT": "Smith"}]}])
+    nlp.to_disk(tmp_path / "ner")
+    monkeypatch.setenv("OSSFORGE_PII_NER_MODEL", str(tmp_path / "ner"))
+    trace._ner_pipeline.cache_clear()
+    try:
+        assert names_detected()
+        assert redact(text) == "Dr [NAME] saw the patient on ward 5"
+        assert redact("Jane Smith, MRN 445566") == "[NAME], [RECORD]"
+    finally:
+        trace._ner_pipeline.cache_clear()
 
 
 def test_trace_file_is_private_and_redacted(tmp_path):

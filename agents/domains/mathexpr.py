@@ -335,6 +335,10 @@ def equivalent_equations(a: str, b: str) -> bool | None:
         return _truth(ea) == _truth(eb)
     if len(names) == 1:
         (v,) = names
+        if _proportional(ea, eb, v):
+            return True
+        if _solution_missed(ea, eb, v):
+            return False
         sa, sb = solutions(ea, v), solutions(eb, v)
         if sa is None or sb is None:
             return None
@@ -352,6 +356,47 @@ def equivalent_equations(a: str, b: str) -> bool | None:
     if sa is None or sb is None:
         return None
     return same_set(sa, sb)
+
+
+def _proportional(ea: Equation, eb: Equation, v: sp.Symbol) -> bool:
+    """Fast path: one residual each, a non-zero constant multiple of the other, same domain (moving terms)."""
+    if len(ea.residuals) != 1 or len(eb.residuals) != 1 or eb.residuals[0] == 0:
+        return False
+    ratio = sp.cancel(ea.residuals[0] / eb.residuals[0])
+    if not (ratio.is_number and ratio != 0 and ratio.is_finite):
+        return False
+    return same_set(_real_domain(ea.domain, v), _real_domain(eb.domain, v))
+
+
+def _is_zero(e: sp.Expr) -> bool:
+    """Exact zero test for a number: a 50-digit evaluation rules out clear non-zeros, sympy decides the rest."""
+    if e == 0:
+        return True
+    if e.is_number:
+        value = sp.N(e, 50)
+        if value.is_number and abs(complex(value)) > 1e-30:
+            return False
+    return sp.simplify(e) == 0 or bool(e.equals(0))
+
+
+def _satisfies(eq: Equation, v: sp.Symbol, x: sp.Expr) -> bool:
+    def zero(e):
+        return _is_zero(e.subs(v, x))
+
+    if any(zero(e) for e in eq.domain.nonzero):
+        return False
+    if any(sp.simplify(e.subs(v, x)).is_negative for e in eq.domain.nonnegative):
+        return False
+    return any(zero(r) for r in eq.residuals)
+
+
+def _solution_missed(ea: Equation, eb: Equation, v: sp.Symbol) -> bool:
+    """Fast path for wrong steps: solve the simpler line only and try its solutions in the other."""
+    small, big = sorted((ea, eb), key=lambda e: sum(sp.count_ops(r) for r in e.residuals))
+    sol = solutions(small, v)
+    if not isinstance(sol, sp.FiniteSet) or len(sol) > 12:
+        return False
+    return any(x.is_real and not _satisfies(big, v, x) for x in sol)
 
 
 def _truth(eq: Equation) -> bool:
