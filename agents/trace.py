@@ -19,6 +19,7 @@ Overlapping detections are merged and replaced whole, so no part of an identifie
 from __future__ import annotations
 
 import functools
+import importlib.util
 import ipaddress
 import json
 import os
@@ -175,12 +176,15 @@ def _phones(text: str) -> Iterator[Span]:
 @functools.lru_cache(maxsize=1)
 def _ner_pipeline():
     """A spaCy pipeline with NER, if one is installed (``OSSFORGE_PII_NER_MODEL`` names it); else None."""
+    names = [os.environ["OSSFORGE_PII_NER_MODEL"]] if os.environ.get("OSSFORGE_PII_NER_MODEL") else \
+        ["en_core_web_sm", "en_core_web_md", "en_core_web_lg", "en_core_web_trf"]
+    names = [n for n in names if Path(n).is_dir() or (n.isidentifier() and importlib.util.find_spec(n))]
+    if not names:  # importing spaCy takes seconds: only when there is a pipeline to load
+        return None
     try:
         import spacy
     except ImportError:
         return None
-    names = [os.environ["OSSFORGE_PII_NER_MODEL"]] if os.environ.get("OSSFORGE_PII_NER_MODEL") else \
-        ["en_core_web_sm", "en_core_web_md", "en_core_web_lg", "en_core_web_trf"]
     for name in names:
         try:
             nlp = spacy.load(name)

@@ -170,6 +170,8 @@ def to_sympy(tree: ast.AST, domain: Domain | None = None) -> sp.Expr:
     if isinstance(tree, ast.Call):
         arg = to_sympy(tree.args[0], domain)
         if tree.func.id == "sqrt":
+            if arg.is_number and arg.is_negative:
+                raise MathError(f"sqrt({sp.sstr(arg)}) is not a real number")
             domain.nonnegative.append(arg)
         return _FUNCTIONS[tree.func.id](arg)
     a, b = to_sympy(tree.left, domain), to_sympy(tree.right, domain)
@@ -193,8 +195,10 @@ def _power(base: sp.Expr, exp: sp.Expr, domain: Domain) -> sp.Expr:
             raise MathError("unsupported exponent")
         if base.free_symbols and abs(exp) > _MAX_EXPONENT:
             raise MathError(f"exponents above {_MAX_EXPONENT} are not supported")
-        if base.is_number and base != 0 and abs(float(exp)) * max(math.log10(abs(float(base))), 1) > _MAX_DIGITS:
+        if base.is_number and base != 0 and abs(float(exp)) * max(math.log10(abs(complex(base))), 1) > _MAX_DIGITS:
             raise MathError("number too large")
+        if base.is_number and base.is_negative and not exp.is_integer:
+            raise MathError(f"({sp.sstr(base)})^({sp.sstr(exp)}) is not a real number")
         if base == 0 and exp.is_negative:
             raise MathError("division by zero")
         if exp.is_negative:
