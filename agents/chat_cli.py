@@ -148,7 +148,10 @@ def run(args):
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens: must be >= 1, got {args.max_tokens}")
     backend = _backend(args)
-    trace = Trace(args.trace) if args.trace else None  # private by default: no trace unless asked for
+    try:
+        trace = Trace(args.trace) if args.trace else None  # private by default: no trace unless asked for
+    except OSError as exc:
+        raise UserError(f"{args.trace}: --trace: cannot write the trace file: {exc.strerror}") from None
     llm = ChatGptOss(backend=backend, reasoning_effort=args.reasoning_effort, max_tokens=args.max_tokens,
                      temperature=args.temperature)
     agent = build_domain_agent(args.domain, llm, compact=args.compact, trace=trace, approve=_approve,

@@ -140,3 +140,8 @@ def test_hard_equations_answer_within_the_tool_timeout_or_say_so():
                                   "current": "x^12 + 3x^11 - 7x^5 = -2"}).startswith("correct")
     with pytest.raises(ToolException, match="cannot decide"):
         edu.check_step("x^x = 4", "x = 2")
+
+
+def test_letters_are_algebra_before_units():
+    assert answers.compare("t*3", "3t") == answers.Match(True)  # t is a variable here, not tonnes
+    assert answers.compare("500 cm", "5 m") == answers.Match(True)

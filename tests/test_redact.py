@@ -166,3 +166,14 @@ def test_chat_cli_writes_no_trace_unless_asked(tmp_path):
     events = [json.loads(x) for x in trace.read_text().splitlines()]
     assert events[0] == {**events[0], "event": "user", "content": "dose for [EMAIL]?"}
     assert [p for p in home.rglob("*")] == []
+
+
+def test_chat_cli_unwritable_trace_is_a_user_error(tmp_path):
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps(["<|channel|>final<|message|>Hi.<|return|>"]))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = subprocess.run([sys.executable, "-m", "ossforge", "chat", "--domain", "education", "--scripted", str(script),
+                        "--trace", str(blocker / "t.jsonl")], input="hi\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {blocker / 't.jsonl'}: --trace:"), r.stderr
+    assert "Traceback" not in r.stderr

@@ -152,6 +152,11 @@ def compare(answer: str, reference: str) -> Match:
     if mx.is_equation(_strip_var(answer)) or mx.is_equation(_strip_var(reference)):
         same = mx.equivalent_equations(answer, reference)
         return Match(bool(same))
+    try:  # letters as algebra first: "3t" = "t*3" although t could be tonnes
+        if mx.same_value(_strip_var(answer), _strip_var(reference)):
+            return Match(True)
+    except mx.MathError:
+        pass
     a, b = quantity(_strip_var(answer)), quantity(_strip_var(reference))
     if b.unit is not None and a.unit is None:
         if a.value == b.value:
