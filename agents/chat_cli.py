@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 from ossforge.errors import UserError
@@ -42,8 +41,9 @@ def add_arguments(p):
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per model call (default 512)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--trace", metavar="FILE", help="JSONL trace of every step, PII redacted "
-                   "(default: ~/.cache/ossforge/traces/chat-DOMAIN-TIME.jsonl)")
+    p.add_argument("--trace", metavar="FILE", help="append a JSONL record of every step to FILE, with emails, "
+                   "phone numbers, record numbers and other personal details replaced by tags "
+                   "(default: nothing is written)")
 
 
 def _backend(args):
@@ -141,7 +141,6 @@ def run(args):
     from ossforge.agents.chat_model import ChatGptOss
     from ossforge.agents.loop import build_domain_agent
     from ossforge.agents.trace import Trace
-    from ossforge.model.tokenizer import cache_dir
 
     import warnings
 
@@ -149,15 +148,19 @@ def run(args):
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens: must be >= 1, got {args.max_tokens}")
     backend = _backend(args)
-    trace_path = args.trace or cache_dir() / "traces" / f"chat-{args.domain}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    try:
+        trace = Trace(args.trace) if args.trace else None  # private by default: no trace unless asked for
+    except OSError as exc:
+        raise UserError(f"{args.trace}: --trace: cannot write the trace file: {exc.strerror}") from None
     llm = ChatGptOss(backend=backend, reasoning_effort=args.reasoning_effort, max_tokens=args.max_tokens,
                      temperature=args.temperature)
-    agent = build_domain_agent(args.domain, llm, compact=args.compact, trace=Trace(trace_path), approve=_approve,
+    agent = build_domain_agent(args.domain, llm, compact=args.compact, trace=trace, approve=_approve,
                                stream=True)
     printer = _Printer(args.show_reasoning)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"ossforge {args.domain} assistant ({backend.name}); `exit` to quit. trace: {trace_path}")
+        print(f"ossforge {args.domain} assistant ({backend.name}); `exit` to quit."
+              + (f" trace: {args.trace}" if args.trace else ""))
     history = []
     while True:
         if interactive:

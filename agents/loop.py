@@ -6,7 +6,8 @@ A small loop over langchain-core messages (rather than a prebuilt graph) so ever
   ToolMessage, and the model may retry at most ``max_retries`` times;
 - tool exceptions, bad arguments and timeouts become error ToolMessages, never crashes;
 - tools flagged ``requires_approval`` run only if ``approve(name, args)`` says yes;
-- every step goes to the trace (redacted JSONL); the analysis channel reaches ``on_event`` only
+- every step goes to the trace (redacted JSONL) when one is given (``trace``: a Trace, a path or a
+  stream; None, the default, traces nothing); the analysis channel reaches ``on_event`` only
   as ``reasoning`` events, which front ends show only when asked to.
 """
 
@@ -19,7 +20,7 @@ from typing import Any, Callable, Sequence
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
 from ossforge.agents.tools import ToolRegistry
-from ossforge.agents.trace import Trace
+from ossforge.agents.trace import Trace, as_trace
 
 
 @dataclass
@@ -63,14 +64,14 @@ class Agent:
 
     def __init__(self, llm, registry: ToolRegistry, *, system_prompt: str | None = None,
                  limits: AgentLimits | None = None, approve: Callable[[str, dict], bool] | None = None,
-                 trace: Trace | None = None, pre_check: Callable[[str], list[str]] | None = None,
+                 trace: Trace | str | None = None, pre_check: Callable[[str], list[str]] | None = None,
                  disclaimer: str = "", stream: bool = False):
         self.registry = registry
         self.llm = llm.bind_tools(registry.tools()) if len(registry) else llm
         self.system_prompt = system_prompt
         self.limits = limits or AgentLimits()
         self.approve = approve or (lambda name, args: False)
-        self.trace = trace or Trace(None)
+        self.trace = as_trace(trace)  # None: nothing is recorded (private by default)
         self.pre_check = pre_check
         self.disclaimer = disclaimer
         self.stream = stream

@@ -1,4 +1,4 @@
-"""Domain tools, the registry, schema normalisation and PII redaction."""
+"""Domain tools, the registry and schema normalisation (redaction: test_redact.py, maths: test_mathexpr.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from ossforge.agents.domains import load
 from ossforge.agents.domains import medicine as med
 from ossforge.agents.schema import ToolNames, normalize_schema
 from ossforge.agents.tools import ToolRegistry
-from ossforge.agents.trace import redact
 
 
 def test_dose_calc_and_cap():
@@ -140,26 +139,14 @@ def test_tool_names_mapping():
     assert names.user("missing") is None
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("write to jane.doe@example.com", "write to [EMAIL]"),
-    ("call +44 20 7946 0958 now", "call [PHONE] now"),
-    ("MRN: 00123456", "[RECORD]"),
-    ("DOB 1985-03-12", "[DOB]"),
-    ("date of birth: 12 March 1985", "[DOB]"),
-    ("give 1000 mg every 6 h, max 4000 mg; 15 mg/kg for 20.5 kg", "give 1000 mg every 6 h, max 4000 mg; 15 mg/kg for 20.5 kg"),
-])
-def test_redact(text, expected):
-    assert redact(text) == expected
-
-
 def test_domain_tools_cannot_reach_shell_or_files():
     """The tool modules import no process/file APIs and read only their packaged data."""
     import ast
     import inspect
 
-    from ossforge.agents.domains import mathexpr
+    from ossforge.agents.domains import answers, mathexpr
 
-    for mod in (med, edu, mathexpr):
+    for mod in (med, edu, mathexpr, answers):
         tree = ast.parse(inspect.getsource(mod))
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
                     for a in n.names} | {n.module.split(".")[0] for n in ast.walk(tree)

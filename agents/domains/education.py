@@ -10,6 +10,7 @@ from typing import Optional
 from langchain_core.tools import StructuredTool, ToolException
 from pydantic import BaseModel, Field
 
+from ossforge.agents.domains import answers
 from ossforge.agents.domains import mathexpr as mx
 from ossforge.agents.tools import ToolRegistry
 
@@ -30,15 +31,24 @@ class CheckStepArgs(BaseModel):
 
 def check_step(previous: str, current: str) -> str:
     """Whether one arithmetic/algebra step keeps the expression or equation equivalent."""
+    # (the docstring is the tool description the model was trained on; keep it one line)
+    # Equations: the same real solutions within the domain of each line (no division by zero, no
+    # square root of a negative), so a step that loses or gains a solution is wrong. Expressions:
+    # the difference simplifies to 0 (see mathexpr).
     try:
-        if (mx.split_equation(previous) is None) != (mx.split_equation(current) is None):
+        if mx.is_equation(previous) != mx.is_equation(current):
             return "incorrect: a step must keep an equation an equation (or an expression an expression)"
-        ok = (mx.equivalent_equations(previous, current) if "=" in previous
-              else mx.same_value(previous, current))
+        if mx.is_equation(previous):
+            ok, note = mx.equivalent_equations(previous, current), ""
+        else:
+            ok = mx.same_value(previous, current)
+            note = mx.domain_note(previous, current) if ok else ""
     except mx.MathError as exc:
         raise ToolException(str(exc)) from None
+    if ok is None:
+        raise ToolException("cannot decide this step automatically (the equation is too hard to solve exactly)")
     if ok:
-        return "correct: the step keeps it equivalent"
+        return f"correct: the step keeps it equivalent{note}"
     return "incorrect: the new line is not equivalent to the previous one; recheck the operation applied to both sides"
 
 
@@ -135,26 +145,26 @@ class GradeAnswerArgs(BaseModel):
     answer_points: float = Field(default=1.0, ge=0, description="points for a correct final answer")
 
 
-def _strip_var(text: str) -> str:
-    m = re.match(r"^\s*[a-zA-Z]\s*=\s*(.+)$", text)
-    return m.group(1) if m else text
-
-
 def answers_match(answer: str, reference: str) -> bool:
-    """Same value (``x = 2`` matches ``2``; ``0.5`` matches ``1/2``), else same text ignoring case."""
+    """Same value, solutions or quantity (see ``answers.compare``), else same text ignoring case."""
+    return _match(answer, reference).correct
+
+
+def _match(answer: str, reference: str) -> answers.Match:
     try:
-        return mx.same_value(_strip_var(answer), _strip_var(reference))
+        return answers.compare(answer, reference)
     except mx.MathError:
         norm = lambda s: re.sub(r"\s+", " ", s.strip().lower().rstrip("."))  # noqa: E731
-        return norm(answer) == norm(reference)
+        return answers.Match(norm(answer) == norm(reference))
 
 
 def grade_answer(answer: str, reference: str, work: str = "", rubric: Optional[list] = None,
                  answer_points: float = 1.0) -> str:
     """Score an answer: ``answer_points`` if it matches the reference plus each rubric criterion met."""
-    correct = answers_match(answer, reference)
+    match = _match(answer, reference)
+    correct = match.correct
     score, max_score = (answer_points if correct else 0.0), answer_points
-    feedback = [f"final answer {'correct' if correct else 'not correct yet'}"]
+    feedback = [f"final answer {'correct' if correct else 'not correct yet'}" + (f" ({match.note})" if match.note else "")]
     text = f"{work}\n{answer}".lower()
     for item in rubric or []:
         item = item if isinstance(item, RubricItem) else RubricItem(**item)
