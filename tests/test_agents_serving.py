@@ -83,3 +83,66 @@ def test_real_shapes_on_the_meta_device(preset):
     E = 32 if preset == "gpt-oss-20b" else 128
     assert shapes["base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight"] == (2 * 2880, 16 * E)
     assert shapes["base_model.model.model.layers.0.mlp.experts.lora_A.weight"] == (16 * E, 2880)
+
+
+# ---------------------------------------------------------------- ossforge eval --server
+
+def _served(models: dict[str, str]):
+    """A /v1/completions server that answers by the requested model name (like vLLM serving the
+    base plus --lora-modules med=...)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body["model"])
+            if body["model"] not in models:
+                self.send_response(404)
+                self.end_headers()
+                self.wfile.write(json.dumps({"object": "error", "message": f"model {body['model']} not found"}).encode())
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            choice = {"text": models[body["model"]], "finish_reason": "stop"}
+            self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\ndata: [DONE]\n\n".encode())
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}/v1", seen
+
+
+def test_eval_scores_base_and_adapter_through_a_server(tmp_path):
+    from tests.conftest import REPO, run_cli
+
+    data = tmp_path / "heldout.jsonl"
+    data.write_text(open(REPO / "data/medicine/heldout.jsonl").readline())
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {{preset: gpt-oss-120b}}\ndata: {{train: {data}, eval: {data}}}\n"
+                   f"output_dir: {tmp_path / 'run'}\n")
+    call = ('<|channel|>analysis<|message|>Use dose_calc.<|end|><|start|>assistant to=functions.dose_calc'
+            '<|channel|>commentary <|constrain|>json<|message|>{"mg_per_kg": 2, "weight_kg": 84, "max_dose_mg": 100}'
+            '<|call|>')
+    httpd, url, seen = _served({"med": call, "gpt-oss-120b": "<|channel|>final<|message|>No idea.<|return|>"})
+    try:
+        proc = run_cli("eval", str(cfg), "--server", url, "--server-model", "med", "--server-base-model",
+                       "gpt-oss-120b", "--json", "--max-new-tokens", "64")
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert report["server"] == url and report["tuned_model"] == "med"
+        assert report["tuned"]["tool_call_accuracy"] > report["base"]["tool_call_accuracy"]
+        assert report["tuned"]["eval_loss"] is None and {"med", "gpt-oss-120b"} <= set(seen)
+        assert (tmp_path / "run" / "eval.json").is_file()
+        # a name the server does not have: one line, exit 2
+        proc = run_cli("eval", str(cfg), "--server", url, "--server-model", "nope", "--json")
+        assert proc.returncode == 2 and "HTTP 404" in proc.stderr and "model nope not found" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
