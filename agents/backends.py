@@ -411,6 +411,13 @@ class OpenAICompatibleBackend:
     def _connect_error(self, exc) -> _Transient:
         return _Transient(f"{self.url}: cannot connect ({type(exc).__name__}: {_first_line(exc)})")
 
+    def _mid_reply(self, exc) -> BackendError:
+        import httpx
+
+        if isinstance(exc, httpx.TimeoutException):
+            return self._timed_out()
+        return BackendError(f"{self.url}: connection lost mid-reply ({type(exc).__name__})")
+
     def _timed_out(self) -> BackendError:
         return BackendError(f"{self.url}: no complete reply within {self.timeout:g} s (timeout)")
 
@@ -451,7 +458,7 @@ class OpenAICompatibleBackend:
                 if reply.done:
                     break
         except httpx.TransportError as exc:
-            raise BackendError(f"{self.url}: connection lost mid-reply ({type(exc).__name__})") from None
+            raise self._mid_reply(exc) from None
         finally:
             resp.close()
         yield from reply.end()
@@ -500,7 +507,7 @@ class OpenAICompatibleBackend:
                     if reply.done:
                         break
             except httpx.TransportError as exc:
-                raise BackendError(f"{self.url}: connection lost mid-reply ({type(exc).__name__})") from None
+                raise self._mid_reply(exc) from None
             finally:
                 await resp.aclose()
             for t in reply.end():

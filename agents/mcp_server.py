@@ -1,9 +1,8 @@
 """Serve a domain's tools to other agents over MCP (Model Context Protocol).
 
 Serves the tools of the medicine or education assistant (drug lookup, dose calculator, step
-checker, ...) to any MCP client: Claude Desktop, an IDE, another agent, or ossforge's own
-``Agent`` (see ``ossforge.agents.mcp_client``). Each call runs through the same tool registry as
-the built-in assistant, with the same argument checks and timeouts.
+checker, ...) to any MCP client: Claude Desktop, an IDE, another agent, or an ossforge agent.
+Each call gets the same argument checks and timeouts as in the built-in assistant.
 
 Each tool's risk is published as MCP tool annotations: low -> read-only; medium -> may change
 things, not destructive; high -> destructive (clients should ask the user first).
