@@ -34,11 +34,12 @@ class _Server:
     """A tiny /v1/completions server that replies with fixed text, like vLLM with skip_special_tokens=False."""
 
     def __init__(self, text: str, strip_stop: bool = False, *, delay_s: float = 0.0, fail: Sequence[int] = (),
-                 error_after: int | None = None, usage: dict | None = None):
+                 error_after: int | None = None, usage: dict | None = None, stall_after: int | None = None):
         """``delay_s`` per request; ``fail``: statuses answered (in order) before the first success;
         ``error_after``: send a vLLM-style error frame after that many pieces; ``usage``: a usage chunk."""
         self.text, self.strip_stop, self.requests = text, strip_stop, []
         self.delay_s, self.fail, self.error_after, self.usage = delay_s, list(fail), error_after, usage
+        self.stall_after = stall_after  # go silent for 1.5 s after that many pieces
         self.headers: list[dict] = []
         outer = self
 
@@ -73,6 +74,9 @@ class _Server:
                             err = {"error": {"message": "CUDA out of memory\nin layer 3", "type": "InternalServerError"}}
                             self.wfile.write(f"data: {json.dumps(err)}\n\n".encode())
                             return
+                        if outer.stall_after is not None and i == outer.stall_after:
+                            self.wfile.flush()
+                            time.sleep(1.5)
                         last = i == len(pieces) - 1
                         choice = {"text": piece, "finish_reason": "stop" if last else None}
                         if last:
@@ -392,6 +396,21 @@ def test_error_frame_mid_stream_is_one_line(monkeypatch):
             with pytest.raises(RuntimeError, match="server error: CUDA out of memory in layer 3") as err:
                 call()
             assert "\n" not in str(err.value)
+    finally:
+        srv.close()
+
+
+def test_silent_server_mid_stream_hits_the_timeout():
+    import asyncio
+
+    srv = _Server(FINAL, stall_after=2)
+    try:
+        llm = ChatGptOss(backend=OpenAICompatibleBackend(srv.url, "m", timeout=0.5, max_retries=0))
+        for call in (lambda: llm.invoke("hi"), lambda: asyncio.run(llm.ainvoke("hi"))):
+            t0 = time.perf_counter()
+            with pytest.raises(RuntimeError, match=r"no complete reply within 0.5 s \(timeout\)"):
+                call()
+            assert time.perf_counter() - t0 < 1.4
     finally:
         srv.close()
 
