@@ -403,6 +403,9 @@ def test_error_frame_mid_stream_is_one_line(monkeypatch):
 def test_silent_server_mid_stream_hits_the_timeout():
     import asyncio
 
+    import httpx  # noqa: F401  (imported before timing, like the encoding below)
+
+    tok.harmony_encoding()
     srv = _Server(FINAL, stall_after=2)
     try:
         llm = ChatGptOss(backend=OpenAICompatibleBackend(srv.url, "m", timeout=0.5, max_retries=0))
