@@ -311,6 +311,11 @@ def test_two_concurrent_ainvokes_overlap(stream):
     no thread executor: the loop runs both httpx requests at once)."""
     import asyncio
 
+    import httpx  # noqa: F401  (one-time imports and the encoding load stay out of the timing)
+
+    from ossforge.agents.convert import render_prompt
+
+    render_prompt([HumanMessage("warm up")], None, None)
     srv = _Server(FINAL, delay_s=1.0)
     try:
         llm = ChatGptOss(backend=OpenAICompatibleBackend(srv.url, "m", stream=stream), max_tokens=32)
