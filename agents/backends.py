@@ -369,6 +369,7 @@ class OpenAICompatibleBackend:
         self.prompt_format = prompt_format
         self.stream = stream
         self._client = None  # one pooled sync client; async clients are made per call (bound to a loop)
+        self._ssl = None  # one TLS context for all clients (building it is the slow part of a new client)
 
     # ------------------------------------------------------------ request pieces
 
@@ -389,10 +390,12 @@ class OpenAICompatibleBackend:
             body["seed"] = seed
         return body
 
-    def _httpx_timeout(self):
+    def _client_kwargs(self) -> dict[str, Any]:
         import httpx
 
-        return httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0))
+        if self._ssl is None:
+            self._ssl = httpx.create_ssl_context()
+        return {"timeout": httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)), "verify": self._ssl}
 
     def _retrying(self, kind):
         import tenacity
@@ -431,7 +434,7 @@ class OpenAICompatibleBackend:
         body = self._body(prompt_ids, max_tokens, temperature, seed, model)
         deadline = time.monotonic() + self.timeout
         if self._client is None:
-            self._client = httpx.Client(timeout=self._httpx_timeout())
+            self._client = httpx.Client(**self._client_kwargs())
 
         def open_response():
             try:
@@ -478,7 +481,7 @@ class OpenAICompatibleBackend:
 
         body = self._body(prompt_ids, max_tokens, temperature, seed, model)
         deadline = time.monotonic() + self.timeout
-        async with httpx.AsyncClient(timeout=self._httpx_timeout()) as client:
+        async with httpx.AsyncClient(**self._client_kwargs()) as client:
             async def open_response():
                 try:
                     resp = await client.send(client.build_request("POST", self.url, json=body,

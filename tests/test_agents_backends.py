@@ -316,6 +316,9 @@ def test_two_concurrent_ainvokes_overlap(stream):
     from ossforge.agents.convert import render_prompt
 
     render_prompt([HumanMessage("warm up")], None, None)
+    warm = _Server(FINAL)
+    asyncio.run(ChatGptOss(backend=OpenAICompatibleBackend(warm.url, "m")).ainvoke("warm up"))  # first-use imports
+    warm.close()
     srv = _Server(FINAL, delay_s=1.0)
     try:
         llm = ChatGptOss(backend=OpenAICompatibleBackend(srv.url, "m", stream=stream), max_tokens=32)
