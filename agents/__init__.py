@@ -9,10 +9,14 @@ _EXPORTS = {
     "ScriptedBackend": "ossforge.agents.backends",
     "TransformersBackend": "ossforge.agents.backends",
     "OpenAICompatibleBackend": "ossforge.agents.backends",
+    "BackendError": "ossforge.agents.backends",
     "parse_completion": "ossforge.agents.parsing",
     "ToolRegistry": "ossforge.agents.tools",
     "Agent": "ossforge.agents.loop",
     "AgentLimits": "ossforge.agents.loop",
+    "create_domain_agent": "ossforge.agents.langchain_agent",
+    "mcp_registry": "ossforge.agents.mcp_client",
+    "amcp_registry": "ossforge.agents.mcp_client",
 }
 
 __all__ = list(_EXPORTS)

@@ -10,7 +10,7 @@ model, in order: --server URL (OpenAI-compatible /v1/completions, e.g. vLLM), --
 examples:
   ossforge chat --domain medicine --adapter runs/quickstart/adapter
   ossforge chat --domain education --model merged/ --show-reasoning
-  ossforge chat --domain medicine --server http://localhost:8000 --server-model gpt-oss-med
+  ossforge chat --domain medicine --server http://localhost:8000/v1 --server-model med
   echo "Dose of paracetamol for 18 kg?" | ossforge chat --domain medicine
 """
 
@@ -29,8 +29,7 @@ def add_arguments(p):
     p.add_argument("--domain", required=True, choices=["medicine", "education"], help="which assistant")
     p.add_argument("--adapter", metavar="DIR", help="peft LoRA adapter folder (e.g. runs/quickstart/adapter)")
     p.add_argument("--model", metavar="DIR", help="HF model folder (base or merged checkpoint)")
-    p.add_argument("--server", metavar="URL", help="OpenAI-compatible server base URL (uses /v1/completions)")
-    p.add_argument("--server-model", default="gpt-oss", metavar="NAME", help="model name sent to --server")
+    add_server_arguments(p)
     p.add_argument("--scripted", metavar="FILE",
                    help="replay completions from a JSON list of strings instead of a model (demos, tests)")
     p.add_argument("--compact", action="store_true",
@@ -44,6 +43,36 @@ def add_arguments(p):
     p.add_argument("--trace", metavar="FILE", help="append a JSONL record of every step to FILE, with emails, "
                    "phone numbers, record numbers and other personal details replaced by tags "
                    "(default: nothing is written)")
+
+
+def add_server_arguments(p):
+    """--server / --server-model / --api-key / --server-timeout / --server-retries (also used by ossforge eval)."""
+    p.add_argument("--server", metavar="URL",
+                   help="OpenAI-compatible server to use instead of a local model, e.g. http://localhost:8000/v1 "
+                        "(vLLM; talks raw harmony over /v1/completions)")
+    p.add_argument("--server-model", default="gpt-oss", metavar="NAME",
+                   help="model name the server knows: vLLM's --served-model-name, or a --lora-modules name "
+                        "such as med (default: gpt-oss)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="key sent to --server (default: $OSSFORGE_API_KEY, else $OPENAI_API_KEY)")
+    p.add_argument("--server-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds for one whole server reply (default 120)")
+    p.add_argument("--server-retries", type=int, default=3, metavar="N",
+                   help="retries with backoff on HTTP 429/5xx and dropped connections (default 3)")
+
+
+def server_backend(args):
+    """The OpenAICompatibleBackend the --server flags describe."""
+    from ossforge.agents.backends import OpenAICompatibleBackend
+
+    if not args.server.startswith(("http://", "https://")):
+        raise UserError(f"--server: expected an http:// or https:// URL, got {args.server!r}")
+    if args.server_timeout <= 0:
+        raise UserError(f"--server-timeout: must be > 0, got {args.server_timeout}")
+    if args.server_retries < 0:
+        raise UserError(f"--server-retries: must be >= 0, got {args.server_retries}")
+    return OpenAICompatibleBackend(args.server, args.server_model, api_key=args.api_key,
+                                   timeout=args.server_timeout, max_retries=args.server_retries)
 
 
 def _backend(args):
@@ -61,7 +90,7 @@ def _backend(args):
             raise UserError(f"{path}: must be a JSON list of completion strings")
         return backends.ScriptedBackend(completions)
     if args.server:
-        return backends.OpenAICompatibleBackend(args.server, args.server_model)
+        return server_backend(args)
     model_dir, adapter_dir = args.model, args.adapter
     if model_dir is None and adapter_dir is None:
         if (DEFAULT_RUN / "adapter" / "adapter_config.json").is_file():
@@ -138,6 +167,7 @@ def _approve(name: str, args: dict) -> bool:
 
 
 def run(args):
+    from ossforge.agents.backends import BackendError
     from ossforge.agents.chat_model import ChatGptOss
     from ossforge.agents.loop import build_domain_agent
     from ossforge.agents.trace import Trace
@@ -175,6 +205,9 @@ def run(args):
             break
         try:
             result = agent.run(text, history=history, on_event=printer)
+        except BackendError as exc:  # already one line naming the server
+            printer.end_turn()
+            raise UserError(str(exc)) from None
         except RuntimeError as exc:
             printer.end_turn()
             raise UserError(f"{args.server or 'model'}: {exc}") from None

@@ -7,6 +7,7 @@ prompt renders exactly like the conversations the model was tuned on.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
@@ -80,14 +81,38 @@ def _assistant_row(m: AIMessage, names: ToolNames, call_names: dict[str, str]) -
     return row if len(row) > 1 else None
 
 
+def response_format_text(response_format: dict) -> str:
+    """Harmony's ``# Response Formats`` section for a JSON schema (or a plain JSON-object request).
+
+    openai-harmony 0.0.8's ``DeveloperContent`` has no response-format field, so the section is
+    written as the harmony spec shows it (``## name``, ``// description``, the schema) and rendered
+    with the developer instructions.
+    """
+    if response_format.get("type") == "json_object":
+        return ("# Response Formats\n\nReply in the final channel with one JSON object and nothing else "
+                "(no prose, no code fences).")
+    name = response_format.get("name") or "response"
+    desc = response_format.get("description") or ""
+    schema = json.dumps(response_format.get("schema") or {}, ensure_ascii=False)
+    lines = ["# Response Formats", "", f"## {name}", ""]
+    if desc:
+        lines.append(f"// {desc}")
+    lines.append(schema)
+    return "\n".join(lines)
+
+
 def render_prompt(messages: Sequence[BaseMessage], tool_specs: list[dict] | None, reasoning_effort: str | None,
-                  names: ToolNames | None = None) -> list[int]:
-    """Prompt token ids ending in ``<|start|>assistant``, ready for the model to continue."""
+                  names: ToolNames | None = None, *, response_format: dict | None = None) -> list[int]:
+    """Prompt token ids ending in ``<|start|>assistant``, ready for the model to continue.
+    ``response_format``: see :func:`response_format_text` (added to the developer message)."""
     import openai_harmony as oh
 
     from ossforge.finetune.harmony import build_conversation
 
-    convo = build_conversation(to_rows(messages, names), tool_specs or None, reasoning_effort)
+    rows = to_rows(messages, names)
+    if response_format:
+        rows.insert(sum(r["role"] == "system" for r in rows), {"role": "system", "content": response_format_text(response_format)})
+    convo = build_conversation(rows, tool_specs or None, reasoning_effort)
     return [int(t) for t in tok.harmony_encoding().render_conversation_for_completion(convo, oh.Role.ASSISTANT)]
 
 

@@ -6,6 +6,8 @@ A small loop over langchain-core messages (rather than a prebuilt graph) so ever
   ToolMessage, and the model may retry at most ``max_retries`` times;
 - tool exceptions, bad arguments and timeouts become error ToolMessages, never crashes;
 - tools flagged ``requires_approval`` run only if ``approve(name, args)`` says yes;
+- ``arun`` is the same loop on the event loop; the independent tool calls of one model turn run
+  concurrently there (tools may be async or MCP tools);
 - every step goes to the trace (redacted JSONL) when one is given (``trace``: a Trace, a path or a
   stream; None, the default, traces nothing); the analysis channel reaches ``on_event`` only
   as ``reasoning`` events, which front ends show only when asked to.
@@ -13,6 +15,8 @@ A small loop over langchain-core messages (rather than a prebuilt graph) so ever
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -80,26 +84,45 @@ class Agent:
 
     def _call_model(self, messages: list[BaseMessage], on_event: Event | None) -> AIMessage:
         if not self.stream:
-            msg = self.llm.invoke(messages)
-            if msg.response_metadata.get("invalid_tool_calls") and not msg.invalid_tool_calls:
-                # invoke went through LangChain's streaming path (streaming=True or a streaming callback)
-                meta = dict(msg.response_metadata)
-                msg = msg.model_copy(update={"invalid_tool_calls": meta.pop("invalid_tool_calls"),
-                                             "response_metadata": meta})
-            if on_event:
-                if msg.additional_kwargs.get("reasoning_content"):
-                    on_event("reasoning", msg.additional_kwargs["reasoning_content"])
-                if msg.content:
-                    on_event("content", msg.content)
-            return msg
+            return self._after_invoke(self.llm.invoke(messages), on_event)
         full: AIMessageChunk | None = None
         for chunk in self.llm.stream(messages):
-            full = chunk if full is None else full + chunk
-            if on_event:
-                if chunk.additional_kwargs.get("reasoning_content"):
-                    on_event("reasoning", chunk.additional_kwargs["reasoning_content"])
-                if chunk.content:
-                    on_event("content", chunk.content)
+            full = self._on_chunk(full, chunk, on_event)
+        return self._after_stream(full)
+
+    async def _acall_model(self, messages: list[BaseMessage], on_event: Event | None) -> AIMessage:
+        if not self.stream:
+            return self._after_invoke(await self.llm.ainvoke(messages), on_event)
+        full: AIMessageChunk | None = None
+        async for chunk in self.llm.astream(messages):
+            full = self._on_chunk(full, chunk, on_event)
+        return self._after_stream(full)
+
+    @staticmethod
+    def _after_invoke(msg: AIMessage, on_event: Event | None) -> AIMessage:
+        if msg.response_metadata.get("invalid_tool_calls") and not msg.invalid_tool_calls:
+            # invoke went through LangChain's streaming path (streaming=True or a streaming callback)
+            meta = dict(msg.response_metadata)
+            msg = msg.model_copy(update={"invalid_tool_calls": meta.pop("invalid_tool_calls"),
+                                         "response_metadata": meta})
+        if on_event:
+            if msg.additional_kwargs.get("reasoning_content"):
+                on_event("reasoning", msg.additional_kwargs["reasoning_content"])
+            if msg.content:
+                on_event("content", msg.content)
+        return msg
+
+    @staticmethod
+    def _on_chunk(full: AIMessageChunk | None, chunk: AIMessageChunk, on_event: Event | None) -> AIMessageChunk:
+        if on_event:
+            if chunk.additional_kwargs.get("reasoning_content"):
+                on_event("reasoning", chunk.additional_kwargs["reasoning_content"])
+            if chunk.content:
+                on_event("content", chunk.content)
+        return chunk if full is None else full + chunk
+
+    @staticmethod
+    def _after_stream(full: AIMessageChunk | None) -> AIMessage:
         assert full is not None
         meta = dict(full.response_metadata)
         invalid = meta.pop("invalid_tool_calls", [])
@@ -109,26 +132,66 @@ class Agent:
 
     # ---------------------------------------------------------------- tools
 
-    def _run_tool(self, call: dict, on_event: Event | None) -> ToolMessage:
+    def _tool_start(self, call: dict, on_event: Event | None, approved: bool | None):
+        """Checks before a tool runs: an error ToolMessage, or None when it may run."""
         name, args, call_id = call["name"], call.get("args") or {}, call["id"]
-        if on_event:
-            on_event("tool_call", {"name": name, "args": args})
         if name not in self.registry:
             return self._tool_error(call_id, name, f"unknown tool {name!r}", on_event)
-        entry = self.registry[name]
-        if entry.requires_approval:
-            ok = bool(self.approve(name, args))
-            self.trace.log("approval", tool=name, args=args, approved=ok)
-            if not ok:
+        if self.registry[name].requires_approval:
+            self.trace.log("approval", tool=name, args=args, approved=bool(approved))
+            if not approved:
                 return self._tool_error(call_id, name, "the user did not approve this tool call", on_event)
-        try:
-            result = self.registry.run(name, args)
-        except Exception as exc:  # validation errors, ToolException, ToolTimeout, bugs: all go back to the model
+        return None
+
+    def _tool_done(self, call: dict, result: str | None, exc: Exception | None, on_event: Event | None) -> ToolMessage:
+        name, args, call_id = call["name"], call.get("args") or {}, call["id"]
+        if exc is not None:  # validation errors, ToolException, ToolTimeout, bugs: all go back to the model
             return self._tool_error(call_id, name, f"{type(exc).__name__}: {_first_line(exc)}", on_event)
         self.trace.log("tool_result", tool=name, args=args, result=result, status="success")
         if on_event:
             on_event("tool_result", {"name": name, "content": result, "status": "success"})
         return ToolMessage(result, tool_call_id=call_id, name=name, status="success")
+
+    def _needs_approval(self, call: dict) -> bool:
+        return call["name"] in self.registry and self.registry[call["name"]].requires_approval
+
+    def _run_tool(self, call: dict, on_event: Event | None) -> ToolMessage:
+        if on_event:
+            on_event("tool_call", {"name": call["name"], "args": call.get("args") or {}})
+        approved = bool(self.approve(call["name"], call.get("args") or {})) if self._needs_approval(call) else None
+        early = self._tool_start(call, on_event, approved)
+        if early is not None:
+            return early
+        try:
+            return self._tool_done(call, self.registry.run(call["name"], call.get("args") or {}), None, on_event)
+        except Exception as exc:
+            return self._tool_done(call, None, exc, on_event)
+
+    async def _approval(self, call: dict) -> bool | None:
+        if not self._needs_approval(call):
+            return None
+        answer = self.approve(call["name"], call.get("args") or {})  # may be a coroutine function
+        return bool(await answer) if inspect.isawaitable(answer) else bool(answer)
+
+    async def _arun_tool(self, call: dict, on_event: Event | None, approved: bool | None) -> ToolMessage:
+        early = self._tool_start(call, on_event, approved)
+        if early is not None:
+            return early
+        try:
+            return self._tool_done(call, await self.registry.arun(call["name"], call.get("args") or {}), None, on_event)
+        except Exception as exc:
+            return self._tool_done(call, None, exc, on_event)
+
+    async def _arun_tools(self, calls: list[dict], on_event: Event | None) -> list[ToolMessage]:
+        """Calls of one model turn are independent (none sees another's result), so they run
+        concurrently; results keep the calls' order. Calls needing approval are asked one at a time
+        first, so prompts to the user never interleave."""
+        approvals = []
+        for call in calls:
+            if on_event:
+                on_event("tool_call", {"name": call["name"], "args": call.get("args") or {}})
+            approvals.append(await self._approval(call))
+        return list(await asyncio.gather(*(self._arun_tool(c, on_event, ok) for c, ok in zip(calls, approvals))))
 
     def _tool_error(self, call_id, name, error: str, on_event: Event | None) -> ToolMessage:
         text = f"error: {error}"
@@ -141,8 +204,51 @@ class Agent:
 
     def run(self, user_input: str, history: Sequence[BaseMessage] = (), on_event: Event | None = None) -> AgentResult:
         """Answer one user turn. ``history`` holds earlier turns (without the system prompt)."""
+        steps = self._steps(user_input, history, on_event)
+        request = next(steps)
+        try:
+            while True:
+                kind, payload, deadline = request
+                if kind == "model":
+                    reply: Any = self._call_model(payload, on_event)
+                else:  # tools, one after another, as long as time is left
+                    reply = []
+                    for call in payload:
+                        if time.monotonic() > deadline:
+                            break
+                        reply.append(self._run_tool(call, on_event))
+                request = steps.send(reply)
+        except StopIteration as done:
+            return done.value
+
+    async def arun(self, user_input: str, history: Sequence[BaseMessage] = (),
+                   on_event: Event | None = None) -> AgentResult:
+        """:meth:`run` on the event loop: ``ainvoke``/``astream`` for the model, ``ainvoke`` for tools
+        (so MCP tools work), the independent calls of one turn concurrently."""
+        steps = self._steps(user_input, history, on_event)
+        request = next(steps)
+        try:
+            while True:
+                kind, payload, deadline = request
+                if kind == "model":
+                    reply: Any = await self._acall_model(payload, on_event)
+                else:
+                    try:
+                        reply = await asyncio.wait_for(self._arun_tools(payload, on_event),
+                                                       timeout=max(deadline - time.monotonic(), 0.001))
+                    except asyncio.TimeoutError:
+                        reply = []
+                request = steps.send(reply)
+        except StopIteration as done:
+            return done.value
+
+    def _steps(self, user_input: str, history: Sequence[BaseMessage], on_event: Event | None):
+        """The loop's rules, free of I/O: yields ``("model", messages, deadline)`` and
+        ``("tools", calls, deadline)`` requests; :meth:`run` and :meth:`arun` answer them (an AIMessage,
+        or one ToolMessage per call run before the deadline) and get the AgentResult at the end."""
         start = time.monotonic()
         lim = self.limits
+        deadline = start + lim.max_wall_s
         messages: list[BaseMessage] = [SystemMessage(self.system_prompt)] if self.system_prompt else []
         messages += [*history, HumanMessage(user_input)]
         self.trace.log("user", content=user_input)
@@ -155,13 +261,13 @@ class Agent:
         stopped = None
         answer = ""
         while stopped is None:
-            if time.monotonic() - start > lim.max_wall_s:
+            if time.monotonic() > deadline:
                 stopped = "time_limit"
                 break
             if model_calls >= lim.max_model_calls:
                 stopped = "model_call_limit"
                 break
-            ai = self._call_model(messages, on_event)
+            ai = yield ("model", messages, deadline)
             model_calls += 1
             messages.append(ai)
             self.trace.log("model", content=ai.content, reasoning=ai.additional_kwargs.get("reasoning_content", ""),
@@ -189,15 +295,16 @@ class Agent:
                 if retries > lim.max_retries:
                     stopped = "retry_limit"
                     break
-            for call in ai.tool_calls:
-                if tool_calls >= lim.max_tool_calls:
-                    stopped = "tool_call_limit"
-                    break
-                if time.monotonic() - start > lim.max_wall_s:
+            calls = list(ai.tool_calls)
+            allowed = calls[:max(lim.max_tool_calls - tool_calls, 0)]
+            if allowed:
+                results = yield ("tools", allowed, deadline)
+                messages.extend(results)
+                tool_calls += len(results)
+                if len(results) < len(allowed):
                     stopped = "time_limit"
-                    break
-                messages.append(self._run_tool(call, on_event))
-                tool_calls += 1
+            if stopped is None and len(allowed) < len(calls):
+                stopped = "tool_call_limit"
         if stopped != "final":
             answer = LIMIT_MESSAGES[stopped]
             if on_event:

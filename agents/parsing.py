@@ -44,6 +44,7 @@ class CompletionParser:
     """
 
     tool_names: ToolNames | None = None
+    tool_schemas: dict[str, dict] | None = None  # strict=True: arguments must match these JSON schemas
     tokens: list[int] = field(default_factory=list)
     reasoning_tokens: int = 0
     stop_token: int | None = None  # the <|end|>/<|call|>/<|return|> the completion ended on
@@ -193,7 +194,26 @@ class CompletionParser:
         if not isinstance(args, dict):
             return ("invalid_tool_call", make_invalid_tool_call(
                 name=name, args=text, id=call_id, error="arguments must be a JSON object"))
+        if self.tool_schemas is not None and name in self.tool_schemas:
+            problem = schema_error(args, self.tool_schemas[name])
+            if problem:
+                return ("invalid_tool_call", make_invalid_tool_call(
+                    name=name, args=text, id=call_id, error=f"arguments do not match the tool's schema: {problem}"))
         return ("tool_call", make_tool_call(name=name, args=args, id=call_id))
+
+
+def schema_error(value: Any, schema: dict) -> str | None:
+    """Why ``value`` does not match the JSON ``schema`` (jsonschema's message), or None when it does."""
+    import jsonschema
+
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        return f"{where + ': ' if where else ''}{exc.message}"
+    except jsonschema.SchemaError as exc:
+        return f"the schema itself is invalid: {exc.message}"
+    return None
 
 
 def usage(input_tokens: int, parser: CompletionParser, prefill: int = 0) -> dict[str, Any]:

@@ -2,10 +2,14 @@
 
 A tool is an ordinary langchain-core ``BaseTool`` (pydantic ``args_schema``); the registry adds what a
 loop needs to run it safely: a risk level, a timeout and whether a human must approve each call.
+Tools may be sync, async or async-only (MCP tools from ``langchain-mcp-adapters``): :meth:`ToolRegistry.arun`
+awaits ``tool.ainvoke``; :meth:`ToolRegistry.run` runs a sync tool in a worker thread and an
+async-only one on a fresh event loop there, both under the same timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal
@@ -85,18 +89,45 @@ class ToolRegistry:
         """
         entry = self._tools[name]
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tool-{name}")
+        if is_async_only(entry.tool):
+            def call(a):
+                return asyncio.run(entry.tool.ainvoke(a))
+        else:
+            call = entry.tool.invoke
         try:
-            future = pool.submit(entry.tool.invoke, args)
+            future = pool.submit(call, args)
             try:
                 result = future.result(timeout=entry.timeout_s)
             except concurrent.futures.TimeoutError:
                 raise ToolTimeout(f"tool {name} timed out after {entry.timeout_s:g} s") from None
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-        return result if isinstance(result, str) else str(result)
+        return result if isinstance(result, str) else _text_result(result)
+
+    async def arun(self, name: str, args: dict[str, Any]) -> str:
+        """:meth:`run` for the event loop: ``await tool.ainvoke`` under the tool's timeout (a sync
+        tool runs in langchain's executor, an async or MCP tool on this loop); same exceptions."""
+        entry = self._tools[name]
+        try:
+            result = await asyncio.wait_for(entry.tool.ainvoke(args), timeout=entry.timeout_s)
+        except asyncio.TimeoutError:
+            raise ToolTimeout(f"tool {name} timed out after {entry.timeout_s:g} s") from None
+        return result if isinstance(result, str) else _text_result(result)
 
     def as_dataset_tools(self) -> list[dict[str, Any]]:
         """``[{name, description, parameters}]``: the dataset row's ``tools`` field (DESIGN §3)."""
         from ossforge.agents.schema import tool_to_function_spec
 
         return [tool_to_function_spec(t) for t in self.tools()]
+
+
+def is_async_only(tool: BaseTool) -> bool:
+    """A StructuredTool with a coroutine and no function (as langchain-mcp-adapters builds MCP tools)."""
+    return isinstance(tool, StructuredTool) and tool.func is None and tool.coroutine is not None
+
+
+def _text_result(result: Any) -> str:
+    """A tool result as text: MCP tools return content blocks (``[{"type": "text", "text": ...}]``)."""
+    if isinstance(result, (list, tuple)) and result and all(isinstance(b, dict) and "type" in b for b in result):
+        return "\n".join(str(b.get("text", b)) for b in result)
+    return str(result)

@@ -63,6 +63,12 @@ def add_arguments(p):
                         "stricter checks against each tool's JSON schema (enums, required); 'auto' (default) = "
                         "bfcl for rows converted from BFCL, schema for the rest")
     p.add_argument("--json", action="store_true", help="print only the JSON (no table, no progress bar)")
+    from ossforge.agents.chat_cli import add_server_arguments
+
+    add_server_arguments(p)  # --server URL --server-model NAME --api-key KEY ...
+    p.add_argument("--server-base-model", metavar="NAME",
+                   help="with --server: also score this served model as the base (e.g. vLLM's --served-model-name "
+                        "when it serves the base plus --lora-modules med=ADAPTER and --server-model is med)")
 
 
 # ----------------------------------------------------------------------------- cases
@@ -454,8 +460,8 @@ def run(args) -> int:
     if args.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens: must be > 0, got {args.max_new_tokens}")
     efforts = parse_efforts(args.efforts)
-    adapter = _adapter_dir(args, config)
-    if args.no_base and adapter is None:
+    adapter = None if args.server else _adapter_dir(args, config)
+    if args.no_base and adapter is None and not args.server:
         raise UserError(f"{args.config}: --no-base: no adapter (pass --adapter DIR)")
 
     rows = check_or_raise(data, drop_analysis=config.data.drop_analysis)[: args.limit]
@@ -464,6 +470,8 @@ def run(args) -> int:
     if not cases:
         raise UserError(f"{data}: no scorable rows (need tools or metadata.kind choice/exact)")
 
+    if args.server:
+        return _run_through_server(args, config, data, cases)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(config.model.dtype, device.type)
     model, base_source = _load_base(config, adapter, dtype, str(device))
@@ -502,6 +510,48 @@ def run(args) -> int:
         print(format_table(report), file=sys.stderr)
         if report["random_init_base"]:
             print(f"note: {RANDOM_INIT_NOTE}", file=sys.stderr)
+        print(f"plot: {out_dir / 'eval.png'}", file=sys.stderr)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _run_through_server(args, config, data, cases) -> int:
+    """Score models served by an OpenAI-compatible server (vLLM): ``--server-model`` as "tuned" and,
+    with ``--server-base-model``, that one as "base". Nothing is loaded here, so a 120b adapter can
+    be scored from any machine that reaches the server. eval_loss needs the model's logits, so it is
+    not reported on this path."""
+    import copy
+
+    from ossforge import atomic
+    from ossforge.agents.backends import BackendError
+    from ossforge.agents.chat_cli import server_backend
+
+    report: dict[str, Any] = {"config": str(args.config), "data": str(data), "cases": len(cases),
+                              "efforts": args.efforts, "server": args.server,
+                              "base_model": args.server_base_model, "adapter": None,
+                              "tuned_model": args.server_model}
+    served = [("tuned", args.server_model)]
+    if args.server_base_model and not args.no_base:
+        served.insert(0, ("base", args.server_base_model))
+    for label, name in served:
+        named = copy.copy(args)
+        named.server_model = name
+        try:
+            report[label] = evaluate_model(server_backend(named), cases, args.max_new_tokens, label, args.json)
+        except BackendError as exc:  # one line naming the server, status and message
+            raise UserError(str(exc)) from None
+        report[label]["eval_loss"] = None
+    if "base" in report:
+        report["delta_points"] = {k: round(100 * (report["tuned"][k] - report["base"][k]), 1)
+                                  for k in ("tool_call_accuracy", "call_accuracy", "no_call_accuracy",
+                                            "well_formed_calls", "accuracy")
+                                  if report["tuned"][k] is not None and report["base"][k] is not None}
+    out_dir = Path(args.out) if args.out else Path(config.output_dir)
+    report["plot"] = str(out_dir / "eval.png")
+    plot(report, out_dir / "eval.png")
+    atomic.write_text(out_dir / "eval.json", json.dumps(report, indent=1) + "\n")
+    if not args.json:
+        print(format_table(report), file=sys.stderr)
         print(f"plot: {out_dir / 'eval.png'}", file=sys.stderr)
     print(json.dumps(report, indent=1))
     return 0

@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 import threading
+import time
+from typing import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
-from ossforge.agents import ChatGptOss, OpenAICompatibleBackend
+from ossforge.agents import ChatGptOss, OpenAICompatibleBackend, ScriptedBackend
 from ossforge.agents.backends import TransformersBackend
 from ossforge.model import tokenizer as tok
 from tests.conftest import REPO
@@ -31,8 +33,14 @@ CALL = ('<|channel|>analysis<|message|>Use the calculator.<|end|><|start|>assist
 class _Server:
     """A tiny /v1/completions server that replies with fixed text, like vLLM with skip_special_tokens=False."""
 
-    def __init__(self, text: str, strip_stop: bool = False):
+    def __init__(self, text: str, strip_stop: bool = False, *, delay_s: float = 0.0, fail: Sequence[int] = (),
+                 error_after: int | None = None, usage: dict | None = None, stall_after: int | None = None):
+        """``delay_s`` per request; ``fail``: statuses answered (in order) before the first success;
+        ``error_after``: send a vLLM-style error frame after that many pieces; ``usage``: a usage chunk."""
         self.text, self.strip_stop, self.requests = text, strip_stop, []
+        self.delay_s, self.fail, self.error_after, self.usage = delay_s, list(fail), error_after, usage
+        self.stall_after = stall_after  # go silent for 1.5 s after that many pieces
+        self.headers: list[dict] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,6 +50,15 @@ class _Server:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append((self.path, body))
+                outer.headers.append(dict(self.headers))
+                if outer.fail:
+                    status = outer.fail.pop(0)
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(json.dumps({"object": "error", "message": f"busy ({status})"}).encode())
+                    return
+                time.sleep(outer.delay_s)
                 text = outer.text
                 stop_reason = None
                 if outer.strip_stop:
@@ -53,14 +70,26 @@ class _Server:
                     self.end_headers()
                     pieces = [text[i:i + 7] for i in range(0, len(text), 7)]  # splits special tokens too
                     for i, piece in enumerate(pieces):
+                        if outer.error_after is not None and i == outer.error_after:
+                            err = {"error": {"message": "CUDA out of memory\nin layer 3", "type": "InternalServerError"}}
+                            self.wfile.write(f"data: {json.dumps(err)}\n\n".encode())
+                            return
+                        if outer.stall_after is not None and i == outer.stall_after:
+                            self.wfile.flush()
+                            time.sleep(1.5)
                         last = i == len(pieces) - 1
                         choice = {"text": piece, "finish_reason": "stop" if last else None}
                         if last:
                             choice["stop_reason"] = stop_reason
                         self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
+                    if outer.usage:
+                        self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': outer.usage})}\n\n".encode())
                     self.wfile.write(b"data: [DONE]\n\n")
                 else:
-                    payload = json.dumps({"choices": [{"text": text, "finish_reason": "stop", "stop_reason": stop_reason}]})
+                    reply = {"choices": [{"text": text, "finish_reason": "stop", "stop_reason": stop_reason}]}
+                    if outer.usage:
+                        reply["usage"] = outer.usage
+                    payload = json.dumps(reply)
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
                     self.end_headers()
@@ -113,7 +142,7 @@ def test_openai_compatible_text_prompt_and_stream(server):
 
 
 def test_openai_compatible_unreachable():
-    backend = OpenAICompatibleBackend("http://127.0.0.1:9", "m", timeout=2)
+    backend = OpenAICompatibleBackend("http://127.0.0.1:9", "m", timeout=2, max_retries=1, backoff_s=0.01)
     with pytest.raises(RuntimeError, match="cannot connect"):
         ChatGptOss(backend=backend).invoke("hi")
 
@@ -269,3 +298,215 @@ def test_chat_cli_tiny_model_with_adapter(tmp_path, tiny_model):
     assert r.returncode == 0, r.stderr
     events = [json.loads(x)["event"] for x in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert events[0] == "user" and events[-1] == "answer" and "model" in events
+
+
+# ---------------------------------------------------------------- async, retries, errors (httpx backend)
+
+FINAL = "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Hi there.<|return|>"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_two_concurrent_ainvokes_overlap(stream):
+    """The server takes 1 s per request; two ainvokes together take well under 2 s (no serialising,
+    no thread executor: the loop runs both httpx requests at once)."""
+    import asyncio
+
+    import httpx  # noqa: F401  (one-time imports and the encoding load stay out of the timing)
+
+    from ossforge.agents.convert import render_prompt
+
+    render_prompt([HumanMessage("warm up")], None, None)
+    warm = _Server(FINAL)
+    asyncio.run(ChatGptOss(backend=OpenAICompatibleBackend(warm.url, "m")).ainvoke("warm up"))  # first-use imports
+    warm.close()
+    srv = _Server(FINAL, delay_s=1.0)
+    try:
+        llm = ChatGptOss(backend=OpenAICompatibleBackend(srv.url, "m", stream=stream), max_tokens=32)
+
+        async def both():
+            t0 = time.perf_counter()
+            a, b = await asyncio.gather(llm.ainvoke("hi"), llm.ainvoke("hello"))
+            return a, b, time.perf_counter() - t0
+
+        a, b, took = asyncio.run(both())
+        assert a.content == b.content == "Hi there." and a.additional_kwargs["reasoning_content"] == "Think."
+        assert len(srv.requests) == 2 and took < 1.5, took
+    finally:
+        srv.close()
+
+
+def test_async_path_is_native_not_an_executor(monkeypatch):
+    """``_agenerate`` must not fall back to BaseChatModel's run_in_executor."""
+    import asyncio
+
+    import langchain_core.language_models.chat_models as cm
+
+    def boom(*a, **k):
+        raise AssertionError("run_in_executor used")
+
+    monkeypatch.setattr(cm, "run_in_executor", boom)
+    srv = _Server(FINAL)
+    try:
+        llm = ChatGptOss(backend=OpenAICompatibleBackend(srv.url, "m"))
+        msg = asyncio.run(llm.ainvoke("hi"))
+        chunks = asyncio.run(_collect(llm.astream("hi")))
+        assert msg.content == "Hi there." and "".join(c.content for c in chunks) == "Hi there."
+        assert chunks[-1].response_metadata["finish_reason"] == "stop"
+    finally:
+        srv.close()
+
+
+async def _collect(aiter):
+    return [c async for c in aiter]
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_retries_429_and_503_then_success(use_async):
+    import asyncio
+
+    srv = _Server(FINAL, fail=[429, 503])
+    try:
+        llm = ChatGptOss(backend=OpenAICompatibleBackend(srv.url, "m", max_retries=2, backoff_s=0.01))
+        msg = asyncio.run(llm.ainvoke("hi")) if use_async else llm.invoke("hi")
+        assert msg.content == "Hi there." and len(srv.requests) == 3
+    finally:
+        srv.close()
+
+
+def test_retries_give_up_with_one_line_error():
+    srv = _Server(FINAL, fail=[503, 503, 503])
+    try:
+        llm = ChatGptOss(backend=OpenAICompatibleBackend(srv.url, "m", max_retries=1, backoff_s=0.01))
+        with pytest.raises(RuntimeError, match=r"HTTP 503: .*busy \(503\).*after 2 attempts") as err:
+            llm.invoke("hi")
+        assert "\n" not in str(err.value) and len(srv.requests) == 2
+    finally:
+        srv.close()
+
+
+def test_client_errors_are_not_retried_and_hint_at_the_key():
+    srv = _Server(FINAL, fail=[401])
+    try:
+        with pytest.raises(RuntimeError, match=r"HTTP 401 \(pass --api-key or set OPENAI_API_KEY\)"):
+            ChatGptOss(backend=OpenAICompatibleBackend(srv.url, "m", backoff_s=0.01)).invoke("hi")
+        assert len(srv.requests) == 1
+    finally:
+        srv.close()
+
+
+def test_error_frame_mid_stream_is_one_line(monkeypatch):
+    import asyncio
+
+    srv = _Server(FINAL, error_after=3)
+    try:
+        llm = ChatGptOss(backend=OpenAICompatibleBackend(srv.url, "m"))
+        for call in (lambda: llm.invoke("hi"), lambda: asyncio.run(llm.ainvoke("hi"))):
+            with pytest.raises(RuntimeError, match="server error: CUDA out of memory in layer 3") as err:
+                call()
+            assert "\n" not in str(err.value)
+    finally:
+        srv.close()
+
+
+def test_silent_server_mid_stream_hits_the_timeout():
+    import asyncio
+
+    import httpx  # noqa: F401  (imported before timing, like the encoding below)
+
+    tok.harmony_encoding()
+    srv = _Server(FINAL, stall_after=2)
+    try:
+        llm = ChatGptOss(backend=OpenAICompatibleBackend(srv.url, "m", timeout=0.5, max_retries=0))
+        for call in (lambda: llm.invoke("hi"), lambda: asyncio.run(llm.ainvoke("hi"))):
+            t0 = time.perf_counter()
+            with pytest.raises(RuntimeError, match=r"no complete reply within 0.5 s \(timeout\)"):
+                call()
+            assert time.perf_counter() - t0 < 1.4
+    finally:
+        srv.close()
+
+
+def test_whole_request_timeout():
+    srv = _Server(FINAL, delay_s=3.0)
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(RuntimeError, match="timeout"):
+            ChatGptOss(backend=OpenAICompatibleBackend(srv.url, "m", timeout=0.5, max_retries=0)).invoke("hi")
+        assert time.perf_counter() - t0 < 2.5
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_server_usage_api_key_and_per_call_model(monkeypatch, stream):
+    import asyncio
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    srv = _Server(FINAL, usage={"prompt_tokens": 77, "completion_tokens": 5, "total_tokens": 82})
+    try:
+        llm = ChatGptOss(backend=OpenAICompatibleBackend(srv.url, "base", stream=stream))
+        msg = llm.invoke("hi", model="med")  # a vLLM --lora-modules name picks the adapter
+        assert msg.usage_metadata["input_tokens"] == 77 and msg.usage_metadata["output_tokens"] == 5
+        assert msg.usage_metadata["total_tokens"] == 82 and msg.response_metadata["model_name"] == "med"
+        assert srv.requests[-1][1]["model"] == "med" and srv.headers[-1]["Authorization"] == "Bearer sk-env"
+        asyncio.run(llm.ainvoke("hi"))
+        assert srv.requests[-1][1]["model"] == "base"
+        if stream:
+            assert srv.requests[-1][1]["stream_options"] == {"include_usage": True}
+        # base_url + api_key on ChatGptOss itself build the same backend
+        llm2 = ChatGptOss(base_url=srv.url, model="med", api_key="sk-arg", max_retries=0)
+        assert llm2.invoke("hi").content == "Hi there."
+        assert srv.requests[-1][1]["model"] == "med" and srv.headers[-1]["Authorization"] == "Bearer sk-arg"
+    finally:
+        srv.close()
+
+
+def test_chat_cli_server_error_is_one_line():
+    srv = _Server(FINAL, error_after=2)
+    try:
+        r = run_cli("chat", "--domain", "medicine", "--server", srv.url, "--server-model", "med",
+                    "--api-key", "sk-x", input="hi\n")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().startswith("error: ") and "server error: CUDA out of memory" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert srv.requests[0][1]["model"] == "med" and srv.headers[0]["Authorization"] == "Bearer sk-x"
+    finally:
+        srv.close()
+
+
+def test_scripted_backend_async_concurrency():
+    import asyncio
+
+    backend = ScriptedBackend(["<|channel|>final<|message|>ok<|return|>"], cycle=True, delay_s=0.5)
+    llm = ChatGptOss(backend=backend)
+
+    async def many():
+        t0 = time.perf_counter()
+        out = await asyncio.gather(*(llm.ainvoke(f"q{i}") for i in range(4)))
+        return out, time.perf_counter() - t0
+
+    out, took = asyncio.run(many())
+    assert [m.content for m in out] == ["ok"] * 4 and took < 1.5
+
+
+def test_transformers_backend_serialises_concurrent_generations(tiny_model):
+    """Two threads and two coroutines generating on one model get the same ids as one call alone."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ossforge.agents.convert import render_prompt
+
+    backend = TransformersBackend(tiny_model)
+    prompt = render_prompt([HumanMessage("hi")], None, "low")
+    alone = list(backend.generate(prompt, max_tokens=4, temperature=1.0, seed=5))
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: list(backend.generate(prompt, max_tokens=4, temperature=1.0, seed=5)), range(2)))
+    assert outs == [alone, alone]
+
+    async def two():
+        async def one():
+            return [t async for t in backend.agenerate(prompt, max_tokens=4, temperature=1.0, seed=5)]
+        return await asyncio.gather(one(), one())
+
+    assert asyncio.run(two()) == [alone, alone]
+    assert not backend._lock.locked()

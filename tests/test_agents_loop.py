@@ -196,17 +196,14 @@ def test_history_carries_to_next_turn():
     assert "SECRET-REASONING" not in prompt  # harmony drops earlier turns' analysis
 
 
-def test_works_inside_langgraph_prebuilt_agent():
-    """ChatGptOss is a plain BaseChatModel: LangGraph's ReAct agent drives it unchanged."""
-    import warnings
+def test_works_inside_langchain_create_agent():
+    """ChatGptOss is a plain BaseChatModel: LangChain's create_agent (the successor of LangGraph's
+    deprecated create_react_agent) drives it unchanged."""
+    from langchain.agents import create_agent
 
-    from langgraph.prebuilt import create_react_agent
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        backend = ScriptedBackend([call("dose_calc", {"mg_per_kg": 10, "weight_kg": 20}), final("Give 200 mg.")])
-        graph = create_react_agent(ChatGptOss(backend=backend), load_tools("medicine"))
-        out = graph.invoke({"messages": [("user", "dose for 20 kg at 10 mg/kg")]})
+    backend = ScriptedBackend([call("dose_calc", {"mg_per_kg": 10, "weight_kg": 20}), final("Give 200 mg.")])
+    graph = create_agent(ChatGptOss(backend=backend), load_tools("medicine"))
+    out = graph.invoke({"messages": [("user", "dose for 20 kg at 10 mg/kg")]})
     assert [m.type for m in out["messages"]] == ["human", "ai", "tool", "ai"]
     assert out["messages"][2].content == "200 mg" and out["messages"][-1].content == "Give 200 mg."
 
