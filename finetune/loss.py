@@ -17,6 +17,8 @@ much again for their gradient. Three ways to compute the same summed loss and gr
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -31,17 +33,15 @@ def chunk_tokens(vocab_size: int) -> int:
 
 
 def has_liger() -> bool:
-    try:
-        import liger_kernel.transformers  # noqa: F401
-    except Exception:  # ImportError, or triton failing to initialise without a GPU
-        return False
-    return True
+    """Whether liger-kernel is installed (found, not imported: it is imported only where it runs, on CUDA)."""
+    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def resolve_loss(choice: str, device: torch.device | str, head=None) -> str:
     """The implementation ``choice`` runs as on ``device`` (``auto`` resolved; ``liger`` checked)."""
     device = torch.device(device)
-    plain_head = head is None or type(head) is torch.nn.Linear
+    # Liger reads head.weight itself: a plain Linear whose weight is whole (not LoRA, not a ZeRO-3 shard)
+    plain_head = head is None or (type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id"))
     if choice == "auto":
         return "liger" if device.type == "cuda" and plain_head and has_liger() else "chunked"
     if choice == "liger":
@@ -77,7 +77,7 @@ def chunked_lm_loss(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: in
 
 def liger_lm_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy through Liger's fused linear cross-entropy (CUDA)."""
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
     loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
     return loss(head.weight, hidden, targets, head.bias).float()

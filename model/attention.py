@@ -124,8 +124,9 @@ def sink_renormalise(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) 
     exp(lse - lse') = sigmoid(lse - sink). Gradients reach q and k through ``lse`` too (the kernel must
     back-propagate its LSE), and the sinks through the factor. ``out`` [B, H, S, D], ``lse`` [B, H, S].
     """
-    factor = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))
-    return (out.float() * factor.unsqueeze(-1)).to(out.dtype)
+    wide = torch.promote_types(out.dtype, torch.float32)  # fp32 at least (bf16 outputs), fp64 stays
+    factor = torch.sigmoid(lse.to(wide) - sinks.to(wide).view(1, -1, 1))
+    return (out.to(wide) * factor.unsqueeze(-1)).to(out.dtype)
 
 
 _compiled_flex = None
@@ -214,7 +215,7 @@ def reference_attention(query, key, value, sinks, allowed_mask, scaling):
     :func:`sink_renormalise`. Same semantics as :func:`flex_sink_attention`, dense memory."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    scores = ((query @ key.transpose(-1, -2)) * scaling).float()
+    scores = ((query @ key.transpose(-1, -2)) * scaling).to(torch.promote_types(query.dtype, torch.float32))
     scores = scores.masked_fill(~allowed_mask[:, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.softmax(scores, dim=-1).to(value.dtype) @ value
