@@ -141,7 +141,9 @@ def _flex_kernel(device_type: str):
     if device_type != "cuda":
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        # dynamic shapes: rows are padded to each batch's longest, and a recompile per length would
+        # soon hit dynamo's cache limit and fall back to the unfused (O(S^2)) implementation
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
 
 
