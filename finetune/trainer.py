@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ossforge.errors import UserError, where
 from ossforge.finetune.host_memory import reuse_freed_memory
