@@ -95,6 +95,10 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = False
     fused_moe: bool = True  # run MoE layers on ossforge.model.fuse_moe kernels (same results, faster)
     router_aux_loss_coef: float = Field(0.0, ge=0)
+    # auto: flex attention with sinks on CUDA, eager on CPU (ossforge.model.attention)
+    attention: Literal["auto", "eager", "flex"] = "auto"
+    # auto: Liger's fused linear cross-entropy on CUDA, chunked torch elsewhere (ossforge.finetune.loss)
+    loss: Literal["auto", "liger", "chunked", "full"] = "auto"
     log_every: int = Field(1, gt=0)
     eval_every: int = Field(0, ge=0)  # 0: only at the end
     save_every: int = Field(0, ge=0)  # 0: only at the end

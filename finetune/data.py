@@ -353,7 +353,8 @@ def render_rows(rows: list[dict], seq_len: int | None = None, *, drop_analysis: 
                 packing: bool = False) -> tuple[list[dict], RenderStats]:
     """Examples ``{"input_ids", "labels"}`` of valid rows: truncated to ``seq_len`` (None: never),
     rows with nothing left to train on dropped, and with ``packing`` whole conversations
-    concatenated greedily while they fit in ``seq_len``."""
+    concatenated greedily while they fit in ``seq_len``, each packed row with ``position_ids``
+    restarting at 0 at every conversation (its document boundaries)."""
     rendered = [harmony.render_row(row, drop_analysis=drop_analysis) for row in rows]
     return examples_from_rendered(rendered, seq_len, packing=packing)
 
@@ -375,16 +376,18 @@ def examples_from_rendered(rendered: list[tuple[list[int], list[int]]], seq_len:
 
     examples: list[dict] = []
     if packing:
-        cur_ids: list[int] = []
-        cur_labels: list[int] = []
+        # position_ids restart at 0 with every conversation: the model's masks keep attention (and the
+        # sliding window) inside each one (ossforge.model.attention), and RoPE sees its own positions.
+        row: dict = {"input_ids": [], "labels": [], "position_ids": []}
         for ids, labels in kept:
-            if cur_ids and len(cur_ids) + len(ids) > seq_len:
-                examples.append({"input_ids": cur_ids, "labels": cur_labels})
-                cur_ids, cur_labels = [], []
-            cur_ids = cur_ids + ids
-            cur_labels = cur_labels + labels
-        if cur_ids:
-            examples.append({"input_ids": cur_ids, "labels": cur_labels})
+            if row["input_ids"] and len(row["input_ids"]) + len(ids) > seq_len:
+                examples.append(row)
+                row = {"input_ids": [], "labels": [], "position_ids": []}
+            row["input_ids"] += ids
+            row["labels"] += labels
+            row["position_ids"] += range(len(ids))
+        if row["input_ids"]:
+            examples.append(row)
     else:
         examples = [{"input_ids": ids, "labels": labels} for ids, labels in kept]
 

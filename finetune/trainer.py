@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ossforge.errors import UserError, where
 from ossforge.finetune.host_memory import reuse_freed_memory
@@ -87,17 +86,24 @@ class Batches:
 
 
 def collate(examples: list[dict], device) -> dict:
-    """Right-pad to the longest example: pad id, label -100, attention mask 0."""
+    """Right-pad to the longest example: pad id, label -100, attention mask 0, position 0.
+
+    ``position_ids`` restart at 0 with every document of a packed example (its ``position_ids``) and
+    run 0..n-1 otherwise; the model's masks keep attention inside each document
+    (``ossforge.model.attention.apply_attention``)."""
     length = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), length), PAD, dtype=torch.long)
     labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), length), dtype=torch.long)
+    positions = torch.zeros((len(examples), length), dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
         ids[row, :n] = torch.tensor(e["input_ids"])
         labels[row, :n] = torch.tensor(e["labels"])
         mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+        positions[row, :n] = torch.tensor(e["position_ids"]) if "position_ids" in e else torch.arange(n)
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device),
+            "position_ids": positions.to(device)}
 
 
 # ----------------------------------------------------------------------------- model preparation
@@ -147,8 +153,30 @@ def prepare_modules(model, config):
         from ossforge.model import fuse_moe
 
         fuse_moe(model)
+    apply_kernels(model, config)
     model.train()
     return model
+
+
+def apply_kernels(model, config):
+    """``training.attention`` (document-aware masks, flex attention with sinks on CUDA) and
+    ``training.loss`` (chunked / fused LM-head loss, read by :func:`compute_loss`) on the model."""
+    from ossforge.finetune.loss import resolve_loss
+    from ossforge.model.attention import apply_attention, resolve_attention
+
+    device = next(model.parameters()).device
+    apply_attention(model, resolve_attention(config.training.attention, device))
+    model.ossforge_loss = resolve_loss(config.training.loss, device, model.get_output_embeddings())
+    return model
+
+
+def check_kernels(config, device: torch.device) -> None:
+    """``training.attention`` / ``training.loss`` choices that cannot run on ``device``: UserError now."""
+    from ossforge.finetune.loss import resolve_loss
+    from ossforge.model.attention import resolve_attention
+
+    resolve_attention(config.training.attention, device)
+    resolve_loss(config.training.loss, device)
 
 
 def lr_lambda(training):
@@ -228,17 +256,24 @@ def initialize_engine(model, config, ds: dict):
 def compute_loss(model, batch: dict, aux_coef: float = 0.0):
     """Mean next-token loss over trained (label != -100) tokens, plus the optional router aux loss.
 
-    Logits are computed only where a label is due (``logits_to_keep`` mask): with a 201k vocabulary
-    the LM head dominates a small model, and most tokens (system, user, tool output) carry no loss.
+    The LM head runs only where a label is due: with a 201k vocabulary it dominates a small model, and
+    most tokens (system, user, tool output) carry no loss. The model returns its final hidden states
+    (no logits); :mod:`ossforge.finetune.loss` computes head + cross-entropy as ``training.loss`` chose
+    (``prepare_modules``; chunked or Liger's fused kernel by default, never all logits at once).
     """
+    from ossforge.finetune.loss import lm_loss, resolve_loss
+
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                output_router_logits=aux_coef > 0, use_cache=False)
+    inner = unwrap(model)
+    head = inner.get_output_embeddings()
+    implementation = getattr(inner, "ossforge_loss", None) or resolve_loss("auto", head.weight.device, head)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch.get("position_ids"), logits_to_keep=torch.zeros_like(keep),
+                output_hidden_states=True, output_router_logits=aux_coef > 0, use_cache=False)
     targets = labels[:, 1:][keep[:, :-1]]
-    loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), targets, reduction="sum")
-    loss = loss / max(1, targets.numel())
+    loss = lm_loss(implementation, head, out.hidden_states[-1][keep], targets) / max(1, targets.numel())
     if aux_coef > 0 and out.aux_loss is not None:
         loss = loss + aux_coef * out.aux_loss.to(loss.dtype)
     return loss
@@ -402,7 +437,8 @@ def print_summary(config, model, data: Data, engine, device, dtype, resumed_from
         f"  optimizer  {'AdamW' if 'optimizer' not in config.deepspeed else config.deepspeed['optimizer'].get('type')} "
         f"lr {t.lr:g}, {t.lr_scheduler} schedule, warmup {t.warmup_steps}, clip {t.max_grad_norm:g}, weight decay {t.weight_decay:g}",
         f"  engine     DeepSpeed ZeRO-{stage}, fused MoE {'on' if t.fused_moe else 'off'}, gradient checkpointing "
-        f"{'on' if t.gradient_checkpointing else 'off'}, router aux loss {t.router_aux_loss_coef:g}",
+        f"{'on' if t.gradient_checkpointing else 'off'}, router aux loss {t.router_aux_loss_coef:g}, "
+        f"attention {model.config._attn_implementation}, loss {getattr(model, 'ossforge_loss', 'auto')}",
     ]
     print("\n".join(lines), flush=True)
 
@@ -418,6 +454,7 @@ def train(config, resume: bool = False, config_path=None, stop_after: int | None
     if device.type == "cpu":
         reuse_freed_memory()  # logit-sized buffers are reused instead of page-faulted in every step
     dtype = resolve_dtype(config.model.dtype, device.type)
+    check_kernels(config, device)
     ds_config = deepspeed_config(config, dtype, config_path)
     peft_config(config.lora, 0)  # raises on an empty LoRA
     check_init_adapter(config.lora, config_path)  # a warm-start adapter must describe the same LoRA

@@ -191,6 +191,7 @@ def test_packing_keeps_whole_conversations(tmp_path):
     assert stats.examples == 2 and stats.truncated_rows == 0
     assert examples[0]["input_ids"] == rendered[0][0] + rendered[1][0]
     assert examples[0]["labels"] == rendered[0][1] + rendered[1][1]
+    assert examples[0]["position_ids"] == list(range(lengths[0])) + list(range(lengths[1]))
     assert examples[1]["input_ids"] == rendered[2][0][:seq_len]
     assert stats.trained_tokens == sum(sum(1 for x in e["labels"] if x != IGNORE) for e in examples)
     unpacked, _ = data.build_examples(FIXTURE, seq_len)
