@@ -21,7 +21,7 @@ COMMANDS = {
     "eval": ("ossforge.finetune.evaluate", "score a model (and adapter) on a config's domain eval sets"),
     "merge": ("ossforge.finetune.merge", "merge a LoRA adapter into its base and write an HF checkpoint"),
     "chat": ("ossforge.agents.chat_cli", "talk to a domain assistant in the terminal"),
-    "bench": ("ossforge.kernels.bench", "benchmark the fused MoE layer against transformers + peft"),
+    "bench": ("ossforge.kernels.bench", "benchmark the MoE layer or whole training steps against transformers + peft"),
     "demo": ("ossforge.finetune.demo", "show what a trained run does on a held-out prompt"),
 }
 
