@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test bench gpu-carry gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,26 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/ossforge bench moe --device cpu
+
+# GPU check (README, Development): `make gpu-carry` here downloads what the GPU machine lacks into
+# .gpu-carry/ (< 64 MiB); `make gpu-check` there installs it into /tmp/site (DeepSpeed built without its
+# C++ ops) and writes every GPU figure the open issues ask for to $(GPU_CHECK_OUT).
+GPU_CARRY     ?= .gpu-carry
+GPU_SITE      ?= /tmp/site
+GPU_CHECK_OUT ?= gpu-check.json
+
+gpu-carry: $(STAMP)
+	$(BIN)/python -m ossforge.gpu_check carry $(GPU_CARRY)
+
+gpu-check:
+	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $(GPU_SITE) $(GPU_CARRY)/*.whl
+	DS_BUILD_OPS=0 PYTHONPATH=$(GPU_SITE) python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+	  --no-cache-dir --target $(GPU_SITE) $(GPU_CARRY)/deepspeed-*.tar.gz
+	# No install there: /tmp/ossforge-path/ossforge maps the top-level folders like pyproject's package-dir
+	rm -rf /tmp/ossforge-path && mkdir -p /tmp/ossforge-path/ossforge
+	ln -s $(CURDIR)/ossforge/*.py /tmp/ossforge-path/ossforge/
+	for d in model kernels finetune agents; do ln -s $(CURDIR)/$$d /tmp/ossforge-path/ossforge/$$d; done
+	PYTHONPATH=$(GPU_SITE):/tmp/ossforge-path python3 -m ossforge.gpu_check --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) runs
