@@ -38,14 +38,7 @@ gpu-carry: $(STAMP)
 	$(BIN)/python -m ossforge.gpu_check carry $(GPU_CARRY)
 
 gpu-check:
-	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $(GPU_SITE) $(GPU_CARRY)/*.whl
-	DS_BUILD_OPS=0 PYTHONPATH=$(GPU_SITE) python3 -m pip install -q --no-index --no-deps --no-build-isolation \
-	  --no-cache-dir --target $(GPU_SITE) $(GPU_CARRY)/deepspeed-*.tar.gz
-	# No install there: /tmp/ossforge-path/ossforge maps the top-level folders like pyproject's package-dir
-	rm -rf /tmp/ossforge-path && mkdir -p /tmp/ossforge-path/ossforge
-	ln -s $(CURDIR)/ossforge/*.py /tmp/ossforge-path/ossforge/
-	for d in model kernels finetune agents; do ln -s $(CURDIR)/$$d /tmp/ossforge-path/ossforge/$$d; done
-	PYTHONPATH=$(GPU_SITE):/tmp/ossforge-path python3 -m ossforge.gpu_check --out $(GPU_CHECK_OUT)
+	python3 ossforge/gpu_check.py setup-and-run $(GPU_CARRY) --site $(GPU_SITE) --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) runs

@@ -7,6 +7,7 @@ leaves what it measured. A stage that fails records its error and the log's tail
   python -m ossforge.gpu_check --out gpu-check.json            # on the GPU machine (<= 8 minutes)
   python -m ossforge.gpu_check --tiny --out /tmp/check.json    # every stage at toy sizes, on CPU
   python -m ossforge.gpu_check carry .gpu-carry                # here: what the GPU machine lacks
+  python3 ossforge/gpu_check.py setup-and-run .gpu-carry --out gpu-check.json   # there: install, then run
 
 Stages whose code lives in other parts are looked up by name (OPTIONAL_CHECKS) and recorded as
 "unavailable" until they exist.
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TOTAL_BUDGET_S = 480
+TOTAL_BUDGET_S = 450
 LOG_TAIL = 3000
 
 # stage -> (module, function): checks other parts provide; called with no arguments, return a JSON-able dict.
@@ -77,8 +78,8 @@ def stages(tiny: bool) -> list[Stage]:
     py, cli = sys.executable, [sys.executable, "-m", "ossforge"]
     device = ["--device", "cpu"] if tiny else ["--device", "cuda"]
     mxfp4 = None if _bench_moe_has_mxfp4() else "unavailable: bench moe has no --expert-format"
-    out = [Stage("environment", 60 if tiny else 90, _python_stage("environment", tiny))]
-    out.append(Stage("main_job", 300 if tiny else 170, _python_stage("main_job", tiny)))
+    out = [Stage("environment", 60 if tiny else 40, _python_stage("environment", tiny))]
+    out.append(Stage("main_job", 420 if tiny else 170, _python_stage("main_job", tiny)))
     for shape in ("20b", "120b"):
         if tiny:
             args = ["--shape", "tiny", "--seq", "64", "--steps", "1", "--warmup", "0", "--gpu-mem-gib", "8",
@@ -421,20 +422,47 @@ def prepare_carry(folder: Path) -> dict:
     return {"files": sorted(p.name for p in folder.iterdir()), "mib": round(size / 2**20, 2)}
 
 
+def setup_and_run(carry: Path, site: Path, out: str, extra: list[str]) -> int:
+    """On the GPU machine, with no install of ossforge: the carried wheels and DeepSpeed (built without its
+    C++ ops) into ``site``, the top-level folders mapped into an ``ossforge`` package by symlinks (as
+    pyproject's package-dir does), then the check itself. Needs only the standard library and pip."""
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+           "--target", str(site)]
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    subprocess.run(pip + sorted(str(w) for w in carry.glob("*.whl")), check=True)
+    sdists = sorted(str(w) for w in carry.glob("deepspeed-*.tar.gz"))
+    subprocess.run(pip + ["--no-build-isolation", *sdists], check=True, env={**env, "DS_BUILD_OPS": "0"})
+    shim = Path(tempfile.mkdtemp(prefix="ossforge-path-"))
+    package = shim / "ossforge"
+    package.mkdir()
+    for f in (REPO / "ossforge").glob("*.py"):
+        (package / f.name).symlink_to(f)
+    for folder in ("model", "kernels", "finetune", "agents"):
+        (package / folder).symlink_to(REPO / folder)
+    env["PYTHONPATH"] = f"{site}{os.pathsep}{shim}"
+    return subprocess.run([sys.executable, "-m", "ossforge.gpu_check", "--out", out, *extra], cwd=REPO, env=env).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ossforge.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", nargs="?", choices=["run", "carry"], default="run")
-    p.add_argument("folder", nargs="?", default=".gpu-carry", help="carry: where to download (default .gpu-carry)")
+    p.add_argument("action", nargs="?", choices=["run", "carry", "setup-and-run"], default="run",
+                   help="run the check; carry: download packages (here); setup-and-run: install them, then run (there)")
+    p.add_argument("folder", nargs="?", default=".gpu-carry", help="the carry folder (default .gpu-carry)")
+    p.add_argument("--site", default="/tmp/site", help="setup-and-run: where the carried packages go (default /tmp/site)")
     p.add_argument("--out", default="gpu-check.json", help="the JSON of figures (default gpu-check.json)")
     p.add_argument("--tiny", action="store_true", help="toy sizes on CPU: checks the script, measures nothing")
     p.add_argument("--only", default=None, help="comma-separated stage names (the others are recorded as skipped)")
-    p.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S, help="total time box (default 480 s)")
+    p.add_argument("--budget-s", type=float, default=TOTAL_BUDGET_S, help="total time box (default 450 s)")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     p.add_argument("--stage-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.stage:
         return run_one_stage(args.stage, args.tiny, Path(args.stage_out))
+    if args.action == "setup-and-run":
+        extra = (["--only", args.only] if args.only else []) + (["--tiny"] if args.tiny else []) + [
+            "--budget-s", str(args.budget_s)]
+        return setup_and_run(Path(args.folder).resolve(), Path(args.site), str(Path(args.out).resolve()), extra)
     if args.action == "carry":
         print(json.dumps(prepare_carry(Path(args.folder)), indent=2))
         return 0

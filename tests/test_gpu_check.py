@@ -65,7 +65,7 @@ def test_tiny_run_on_cpu_writes_every_stage(tmp_path):
     out = tmp_path / "check.json"
     proc = subprocess.run([sys.executable, "-m", "ossforge.gpu_check", "--tiny", "--out", str(out),
                            "--only", "environment,main_job,bench_train_20b,plan_vs_measured,attention_gradcheck"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**__import__("os").environ, "OSSFORGE_MOE_BACKEND": "torch"})
     report = json.loads(out.read_text())
     stages = report["stages"]
@@ -83,3 +83,23 @@ def test_tiny_run_on_cpu_writes_every_stage(tmp_path):
     assert stages["attention_gradcheck"]["status"] == "skipped"
     assert stages["bench_moe_120b"] == {"status": "skipped", "reason": "not selected (--only)"}
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_reduced_model_folder_loads_with_its_depth(tmp_path):
+    """The main job's base: a random model of a preset's shapes at reduced depth, read back by ossforge."""
+    import torch
+
+    from ossforge.model.checkpoint import load_folder, read_config
+
+    gpu_check._save_reduced_model("tiny", 1, tmp_path / "base", torch.device("cpu"))
+    config = read_config(tmp_path / "base")
+    assert config.num_hidden_layers == 1 and config.layer_types == ["sliding_attention"]
+    assert config.vocab_size == 201088 and config.hidden_size == 64
+    model = load_folder(str(tmp_path / "base"), dtype=torch.float32, device="cpu")
+    assert len(model.model.layers) == 1
+
+
+def test_carry_list_pins_one_version_each():
+    names = [spec.split("==")[0] for spec in gpu_check.CARRY_WHEELS + gpu_check.CARRY_SDISTS]
+    assert len(names) == len(set(names)) and all("==" in s for s in gpu_check.CARRY_WHEELS)
+    assert "deepspeed" in names and "openai-harmony" in names and "pydantic-core" in names
