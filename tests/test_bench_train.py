@@ -55,3 +55,19 @@ def test_bench_train_bad_layers_is_user_error():
     proc = run_cli("bench", "train", "--shape", "tiny", "--device", "cpu", "--layers", "5")
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: --layers:")
+
+
+def test_missing_layers_scale_the_peak_to_full_depth():
+    """A 1-of-2-layer tiny model: the left-out layer adds its frozen weights, its LoRA (weights, gradients,
+    fp32 Adam m and v) and, under checkpointing, one saved hidden row per token."""
+    import torch
+
+    from ossforge.finetune.bench_train import build_model, missing_layer_bytes
+
+    model = build_model("tiny", 1, 4, torch.float32, torch.device("cpu"), checkpointing=True)
+    layer = model.base_model.model.model.layers[0]
+    frozen = sum(p.numel() * 4 for p in layer.parameters() if not p.requires_grad)
+    lora = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    assert lora > 0 and frozen > 0
+    assert missing_layer_bytes(model, 100, True) == frozen + lora * (4 + 4 + 8) + 100 * 64 * 4
+    assert missing_layer_bytes(model, 100, False) is None
