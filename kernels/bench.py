@@ -36,7 +36,18 @@ VARIANTS = ("ossforge", "grouped_mm", "eager")
 
 
 def add_arguments(p):
-    p.add_argument("what", choices=["moe"], help="what to benchmark (the MoE layer)")
+    """``bench moe`` (this module) and ``bench train`` (:mod:`ossforge.finetune.bench_train`)."""
+    from ossforge.finetune import bench_train
+
+    sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    for name, module, text in (("moe", None, "one MoE layer fwd+bwd vs transformers + peft"),
+                               ("train", bench_train, "whole LoRA training steps vs the stock transformers + peft path")):
+        doc = (module.__doc__ if module else __doc__).strip()
+        q = sub.add_parser(name, help=text, description=doc, formatter_class=p.formatter_class)
+        (module.add_arguments if module else add_moe_arguments)(q)
+
+
+def add_moe_arguments(p):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="layer preset (default: cpu on --device cpu, 20b on cuda)")
@@ -53,6 +64,10 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    if args.what == "train":
+        from ossforge.finetune import bench_train
+
+        return bench_train.run(args)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -22,7 +22,7 @@ COMMANDS = {
     "merge": ("ossforge.finetune.merge", "merge a LoRA adapter into its base and write an HF checkpoint"),
     "chat": ("ossforge.agents.chat_cli", "talk to a domain assistant in the terminal"),
     "mcp": ("ossforge.agents.mcp_server", "serve a domain assistant's tools to other agents over MCP"),
-    "bench": ("ossforge.kernels.bench", "benchmark the fused MoE layer against transformers + peft"),
+    "bench": ("ossforge.kernels.bench", "benchmark the MoE layer or whole training steps against transformers + peft"),
     "demo": ("ossforge.finetune.demo", "show what a trained run does on a held-out prompt"),
 }
 
