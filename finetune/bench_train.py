@@ -97,16 +97,24 @@ def run(args) -> int:
 
 
 def ossforge_attention(model, device) -> str:
-    """The attention implementation ossforge trains with. The one place that picks it: transformers' eager
-    on main today (gpt-oss has no SDPA path); ``training.attention``'s resolver plugs in here."""
-    return "eager"
+    """The attention ossforge trains with (``training.attention: auto``): flex attention with sinks on
+    CUDA, eager elsewhere, with document-aware masks either way."""
+    from ossforge.model.attention import apply_attention, resolve_attention
+
+    implementation = resolve_attention("auto", device)
+    apply_attention(model, implementation)
+    return implementation
 
 
-def ossforge_loss():
-    """ossforge's training loss: logits only where a label is due (chunked once the trainer's is)."""
+def ossforge_loss(model, device):
+    """ossforge's training loss (``training.loss: auto``): Liger's fused linear cross-entropy on CUDA,
+    the chunked torch loss elsewhere, over trained tokens only; returns (loss function, name)."""
+    from ossforge.finetune.loss import resolve_loss
     from ossforge.finetune.trainer import compute_loss
 
-    return compute_loss
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.ossforge_loss = resolve_loss("auto", device, inner.get_output_embeddings())
+    return compute_loss, inner.ossforge_loss
 
 
 def stock_loss(model, batch):
@@ -133,10 +141,13 @@ def use_path(model, path: str, device):
     config._experts_implementation = stock_experts()
     if path == "ossforge":
         fuse_moe(model)
-        config._attn_implementation = ossforge_attention(model, device)
-        return ossforge_loss(), {"experts": "ossforge.model.fuse_moe", "attention": config._attn_implementation,
-                                 "loss": "trained-token logits (trainer.compute_loss)"}
-    config._attn_implementation = "eager"
+        attention = ossforge_attention(model, device)
+        loss, loss_name = ossforge_loss(model, device)
+        return loss, {"experts": "ossforge.model.fuse_moe", "attention": attention,
+                      "loss": f"{loss_name} LM-head loss over trained tokens (trainer.compute_loss)"}
+    from ossforge.model.attention import apply_attention
+
+    apply_attention(model, "eager")
     return stock_loss, {"experts": f"transformers {config._experts_implementation} + peft ParamWrapper",
                         "attention": "eager", "loss": "full logits (model loss)"}
 
