@@ -59,13 +59,19 @@ class MXFP4Tensor(torch.Tensor):
 
         return MXFP4Weight(self.blocks, self.scales, self.dtype)
 
-    # Traceable wrapper subclass: lets nn.Module._apply (.to, .float) swap it like any parameter.
-    def __tensor_flatten__(self):
-        return ["blocks", "scales"], {"dtype": self.dtype}
+    # nn.Module._apply (.to, .float, DeepSpeed's module.to) sets ``param.data = moved``: carry the packed bytes
+    # along with the metadata. (Not a traceable wrapper subclass on purpose: _apply would then swap_tensors,
+    # which refuses parameters that peft / DeepSpeed hold weak references to.)
+    @property
+    def data(self):
+        return self.detach()
 
-    @staticmethod
-    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
-        return MXFP4Tensor(inner["blocks"], inner["scales"], meta["dtype"])
+    @data.setter
+    def data(self, new):
+        if not isinstance(new, MXFP4Tensor):
+            raise RuntimeError("MXFP4-resident expert weights are frozen: cannot assign dense data to them")
+        torch._C.TensorBase.data.__set__(self, new)
+        self.blocks, self.scales = new.blocks, new.scales
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
