@@ -146,10 +146,15 @@ def test_ossforge_train_mxfp4_equals_bf16_and_adapter_loads_in_stock_peft(tmp_pa
     from peft import PeftModel
 
     save_mxfp4_checkpoint(build_random("tiny", seed=4), tmp_path / "base")
+    from ossforge.finetune.config import load_config
+    from ossforge.finetune.trainer import train
+
+    result = run_cli("train", str(_train_config(tmp_path, "mxfp4", tmp_path / "base", "mxfp4")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    bf16 = _train_config(tmp_path, "bf16", tmp_path / "base", "bf16")
+    train(load_config(bf16, []), config_path=str(bf16))  # in process: saves a second interpreter start
     losses = {}
     for fmt in ("mxfp4", "bf16"):
-        result = run_cli("train", str(_train_config(tmp_path, fmt, tmp_path / "base", fmt)))
-        assert result.returncode == 0, result.stderr[-3000:]
         records = [json.loads(line) for line in (tmp_path / fmt / "metrics.jsonl").read_text().splitlines()]
         losses[fmt] = [r["loss"] for r in records]
     assert len(losses["mxfp4"]) == 10
@@ -167,3 +172,38 @@ def test_ossforge_train_mxfp4_equals_bf16_and_adapter_loads_in_stock_peft(tmp_pa
         assert _rel(packed(input_ids=IDS).logits, want) <= 1e-5
         with stock.disable_adapter():
             assert not torch.allclose(stock(input_ids=IDS).logits, want, atol=1e-5)
+
+
+def _plan(tmp_path, preset, **deepspeed):
+    from ossforge.finetune.config import load_config
+    from ossforge.finetune.plan import make_plan
+
+    cfg = {"model": {"preset": preset, "expert_format": "mxfp4"}, "data": {"train": str(DATA)},
+           "lora": {"r": 16, "alpha": 32}, "deepspeed": deepspeed, "output_dir": str(tmp_path / "run"),
+           "training": {"micro_batch_size": 1, "seq_len": 2048, "gradient_checkpointing": True}}
+    path = tmp_path / f"{preset}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return make_plan(load_config(path, check_files=False), path, gpus=1, gpu_mem_gib=80)
+
+
+def test_expert_bytes_at_the_real_shapes():
+    from ossforge.model.mxfp4 import expert_bytes
+
+    per_layer = 2880 * 5760 + 2880 * 2880  # gate_up + down of one expert
+    gib = 1024**3
+    assert abs(expert_bytes(24 * 32 * per_layer, "mxfp4") / 1e9 - 10.15) < 0.01  # 20b: 10.15 GB = 9.45 GiB
+    assert abs(expert_bytes(36 * 128 * per_layer, "mxfp4") / 1e9 - 60.9) < 0.1  # 120b: 60.9 GB = 56.7 GiB
+    assert expert_bytes(100, "bf16") == 200 and expert_bytes(100, "bf16", 4) == 400
+    assert abs(expert_bytes(36 * 128 * per_layer, "mxfp4") / gib - 56.7) < 0.1
+
+
+def test_plan_counts_mxfp4_experts_and_offloaded_optimizer(tmp_path):
+    plan20 = _plan(tmp_path, "gpt-oss-20b")
+    assert plan20.expert_format == "mxfp4" and abs(plan20.weights_expert_gib - 9.46) < 0.02
+    on_gpu = _plan(tmp_path, "gpt-oss-120b", zero_optimization={"stage": 2})
+    offload = _plan(tmp_path, "gpt-oss-120b", zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})
+    assert abs(offload.weights_expert_gib - 56.75) < 0.02
+    assert on_gpu.host_optimizer_gib == 0 and on_gpu.optimizer_gib > 11
+    # fp32 master + two moments + fp32 grads of the ~1.07B LoRA params move to the host
+    assert offload.optimizer_gib == 0 and abs(offload.host_optimizer_gib - 16.0) < 0.1
+    assert offload.per_gpu_gib < on_gpu.per_gpu_gib - 13 and offload.fits and not on_gpu.fits
