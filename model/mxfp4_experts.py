@@ -88,6 +88,9 @@ class MXFP4Tensor(torch.Tensor):
             src = args[0]
             device = kwargs.get("device") or src.device
             return MXFP4Tensor(src.blocks.to(device), src.scales.to(device), kwargs.get("dtype") or src.dtype)
+        if func is _aten.slice.Tensor and _slice_dim(args, kwargs) == 0:  # a run of experts (expert parallelism)
+            src, start, end, step = _slice_args(args, kwargs)
+            return MXFP4Tensor(src.blocks[start:end:step], src.scales[start:end:step], src.dtype)
         if func._schema.is_mutable and args and isinstance(args[0], MXFP4Tensor):
             raise RuntimeError(f"{func}: MXFP4-resident expert weights are frozen (load with "
                                "model.expert_format: bf16 to change them)")
@@ -96,6 +99,20 @@ class MXFP4Tensor(torch.Tensor):
             return t.dequantize() if isinstance(t, MXFP4Tensor) else t
 
         return func(*tree_map(dense, args), **tree_map(dense, kwargs))
+
+
+def _slice_dim(args, kwargs) -> int:
+    return args[1] if len(args) > 1 else kwargs.get("dim", 0)
+
+
+def _slice_args(args, kwargs):
+    """``aten.slice.Tensor(self, dim, start, end, step)`` arguments, defaults filled in."""
+    full = list(args) + [None] * (5 - len(args))
+    src, _, start, end, step = full[:5]
+    start = kwargs.get("start", start)
+    end = kwargs.get("end", end)
+    step = kwargs.get("step", step) or 1
+    return src, start, end, step
 
 
 def install_mxfp4_expert_weight(experts: torch.nn.Module, name: str, blocks: torch.Tensor, scales: torch.Tensor,

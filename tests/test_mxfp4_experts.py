@@ -50,6 +50,8 @@ def test_packed_parameter_behaves_like_a_frozen_expert_weight():
     assert w.shape == (8, 64, 128) and w.dtype == torch.float32
     dense = w.dequantize()
     assert torch.equal(w[3] + 0, dense[3])  # any other op sees the dequantised values
+    run = w[2:5]  # expert parallelism keeps a run of experts: still packed, the same values
+    assert isinstance(run, MXFP4Tensor) and run.shape == (3, 64, 128) and torch.equal(run.dequantize(), dense[2:5])
     model.to(torch.bfloat16)
     assert isinstance(experts.gate_up_proj, MXFP4Tensor) and experts.gate_up_proj.dtype == torch.bfloat16
     assert torch.equal(experts.gate_up_proj.blocks, w.blocks)  # the bytes did not change

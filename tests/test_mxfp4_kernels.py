@@ -155,3 +155,18 @@ def test_moe_lora_packed_layer_equals_dequantised(backend, kind, tokens, top_k):
         results.append([out, *torch.autograd.grad(out, params, grad)])
     for name, g, r in zip("out x rw b1 b2 A1 B1 A2 B2".split(), *results):
         _close(g, r, what=f"{backend} {name}")
+
+
+def test_torch_path_decodes_one_expert_at_a_time(monkeypatch):
+    """The CPU path never holds more than one dense expert: every decode is of a single, non-empty expert."""
+    import ossforge.kernels.mxfp4 as mx
+
+    idx, (w1, _, w2, _), params = _layer(6, 2, "random")
+    decoded = []
+    real = mx.dequantize_mxfp4
+    monkeypatch.setattr(mx, "dequantize_mxfp4", lambda b, s, d: decoded.append(b.shape[0]) or real(b, s, d))
+    idx[:, :] = torch.tensor([0, 2])  # experts 1 and 3 get no rows
+    x, rw, b1, b2, a1, bb1, a2, bb2 = params
+    out = moe_lora(x, rw, idx, w1, b1, w2, b2, (a1, bb1, 0.7), (a2, bb2, 1.3), backend="torch")
+    out.sum().backward()
+    assert decoded == [1] * 8  # 2 experts x (gate/up, down forward; down backward, dX over W1^T)
