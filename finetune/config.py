@@ -33,6 +33,8 @@ class ModelConfig(_Section):
     path: Optional[str] = None
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     init_seed: int = 0  # seed for random-initialised presets
+    # mxfp4: experts stay packed (4.25 bits/param); auto: mxfp4 for MXFP4 folders trained on CUDA, else bf16
+    expert_format: Literal["auto", "bf16", "mxfp4"] = "auto"
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -29,7 +29,6 @@ from ossforge.errors import UserError
 
 GIB = 1024**3
 OVERHEAD_GIB = 2.0  # CUDA context + NCCL + allocator fragmentation, per GPU
-MXFP4_BITS = 4.25  # 4-bit values + one shared 8-bit scale per 32
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,6 +105,8 @@ class Plan:
     zero_stage: int
     all_to_all_gib_per_step: float
     notes: list[str] = field(default_factory=list)
+    expert_format: str = "bf16"
+    host_optimizer_gib: float = 0.0
 
 
 def arch_of(config, config_path) -> tuple[str, Arch]:
@@ -167,6 +168,21 @@ def _activation_bytes(config, arch: Arch, ep: int, param_bytes: int) -> float:
     return t * (layers + logits)
 
 
+def plan_expert_format(config) -> str:
+    """``model.expert_format`` as a GPU run resolves it (auto: mxfp4 when the folder stores MXFP4 experts)."""
+    fmt = getattr(config.model, "expert_format", "bf16")
+    if fmt == "auto":
+        from ossforge.model.checkpoint import stores_mxfp4_experts
+
+        fmt = "mxfp4" if config.model.path and stores_mxfp4_experts(config.model.path) else "bf16"
+    return fmt
+
+
+def _offloads_optimizer(config) -> bool:
+    offload = (config.deepspeed.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return offload.get("device") in ("cpu", "nvme")
+
+
 def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float = 80.0) -> Plan:
     ep = config.parallel.expert_parallel_size
     world = gpus if gpus is not None else ep
@@ -177,9 +193,12 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
     param_bytes = 4 if config.model.dtype == "fp32" else 2  # auto: bf16 on GPU
     experts_total = arch.layers * arch.expert_params_per_layer()
     dense = arch.dense_params()
-    w_expert = experts_total / ep * param_bytes
+    from ossforge.model.mxfp4 import expert_bytes
+
+    fmt = plan_expert_format(config)
+    w_expert = expert_bytes(experts_total / ep, fmt, param_bytes)
     w_dense = dense * param_bytes
-    mxfp4 = (experts_total / ep * MXFP4_BITS / 8 + dense * 2) / GIB
+    mxfp4 = (expert_bytes(experts_total / ep, "mxfp4") + dense * 2) / GIB
 
     lora_gpu, lora_total = _lora_params(config, arch, ep)
     stage = int((config.deepspeed.get("zero_optimization") or {}).get("stage", 0))
@@ -193,6 +212,10 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
     grads_b = lora_gpu * (param_bytes + (4 if param_bytes == 2 else 0)) / (dp if stage >= 2 else 1)
     act_b = _activation_bytes(config, arch, ep, param_bytes)
 
+    # ZeRO-Offload (deepspeed.zero_optimization.offload_optimizer: cpu): fp32 master, moments and fp32 grads on the host.
+    host_b = optimizer_b + lora_gpu * 4 if _offloads_optimizer(config) else 0.0
+    if host_b:
+        optimizer_b, grads_b = 0.0, lora_gpu * param_bytes
     per_gpu = (w_expert + w_dense + lora_b + optimizer_b + grads_b + act_b) / GIB + OVERHEAD_GIB
     # Per rank and optimizer step: dispatch + combine in forward, both again in backward (and once
     # more in the recomputed forward under checkpointing); (ep-1)/ep of the routed rows leave the rank.
@@ -202,7 +225,7 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
     if not config.training.gradient_checkpointing and config.training.seq_len >= 4096:
         notes.append("seq_len >= 4096 without training.gradient_checkpointing: consider enabling it")
     fits = per_gpu <= gpu_mem_gib
-    if not fits and ep < arch.experts and mxfp4 < gpu_mem_gib:
+    if not fits and fmt != "mxfp4" and ep < arch.experts and mxfp4 < gpu_mem_gib:
         notes.append("does not fit in bf16; more expert parallelism or MXFP4 base weights would shrink it")
     return Plan(
         model=name, gpus=world, ep=ep, dp=dp, expert_dp=dp, gpu_mem_gib=gpu_mem_gib,
@@ -215,6 +238,7 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
         activations_gib=round(act_b / GIB, 2), overhead_gib=OVERHEAD_GIB,
         per_gpu_gib=round(per_gpu, 2), fits=fits, zero_stage=stage,
         all_to_all_gib_per_step=round(a2a / GIB, 3), notes=notes,
+        expert_format=fmt, host_optimizer_gib=round(host_b / GIB, 2),
     )
 
 
@@ -226,11 +250,12 @@ def format_plan(p: Plan, config) -> str:
         f"(expert-DP {p.expert_dp}), ZeRO stage {p.zero_stage}",
         f"per GPU ({tr.micro_batch_size} x {tr.seq_len} tokens, checkpointing "
         f"{'on' if tr.gradient_checkpointing else 'off'}):",
-        f"  weights      {p.weights_gib:8.2f} GiB  (experts {p.weights_expert_gib:.2f} + non-expert "
+        f"  weights      {p.weights_gib:8.2f} GiB  ({p.expert_format} experts {p.weights_expert_gib:.2f} + non-expert "
         f"{p.weights_dense_gib:.2f}; MXFP4 experts would be {p.weights_mxfp4_gib:.2f})",
         f"  lora         {p.lora_gib:8.3f} GiB  ({p.lora_params_per_gpu / 1e6:.1f}M of "
         f"{p.lora_params_total / 1e6:.1f}M params on this GPU)",
-        f"  optimizer    {p.optimizer_gib:8.3f} GiB",
+        f"  optimizer    {p.optimizer_gib:8.3f} GiB"
+        + (f"  (offloaded: {p.host_optimizer_gib:.2f} GiB of host memory per rank)" if p.host_optimizer_gib else ""),
         f"  gradients    {p.gradients_gib:8.3f} GiB",
         f"  activations  {p.activations_gib:8.2f} GiB",
         f"  overhead     {p.overhead_gib:8.2f} GiB",

@@ -13,6 +13,12 @@ examples:
   ossforge bench moe --device cpu                       # E=32 k=4 H=I=256 T=2048 r=8 fp32
   ossforge bench moe --device cuda --shape 120b --json bench-120b.json
   ossforge bench moe --shape tiny --json /tmp/moe.json  # seconds, for CI
+  ossforge bench moe --expert-format mxfp4 --device cuda --shape 20b   # + the MXFP4-resident layer
+
+With ``--expert-format mxfp4`` the experts are MXFP4-quantised once; the run adds ``ossforge_mxfp4`` (the
+layer with packed experts, decoded inside the grouped GEMMs) and the other variants run on the dequantised
+(bf16) weights, so all of them compute the same function. Peak memory is measured on CUDA; on CPU the
+table reports the resident expert-weight bytes of each variant.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from ossforge.errors import UserError
 # name -> (experts, top_k, hidden, intermediate, tokens)
 SHAPES = {
     "tiny": (8, 2, 48, 40, 64),
+    "tiny-mxfp4": (8, 2, 64, 64, 64),  # MXFP4 needs hidden and intermediate in multiples of 32
     "cpu": (32, 4, 256, 256, 2048),
     "20b": (32, 4, 2880, 2880, 16384),
     "120b": (128, 4, 2880, 2880, 16384),
@@ -60,6 +67,8 @@ def add_moe_arguments(p):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--skip", action="append", default=[], choices=VARIANTS,
                    help="leave a variant out (repeatable); ossforge always runs")
+    p.add_argument("--expert-format", choices=["bf16", "mxfp4"], default="bf16",
+                   help="mxfp4: also time the layer with MXFP4-resident experts (others on the dequantised weights)")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the results as JSON")
 
 
@@ -87,8 +96,12 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.skip and "ossforge" in args.skip:
         raise UserError("--skip: ossforge always runs")
+    if args.expert_format == "mxfp4" and (hidden % 32 or inter % 32):
+        raise UserError(f"--expert-format: mxfp4 needs hidden and intermediate sizes that are multiples of 32 "
+                        f"(--shape {shape} has {hidden} and {inter}; try --shape tiny-mxfp4)")
     result = bench_moe(experts, top_k, hidden, inter, tokens, args.rank, dtype, torch.device(args.device),
-                       iters, args.warmup, [v for v in VARIANTS if v not in args.skip])
+                       iters, args.warmup, [v for v in VARIANTS if v not in args.skip],
+                       expert_format=args.expert_format)
     result["shape"] = shape
     print(format_table(result))
     if args.json_out:
@@ -148,28 +161,64 @@ def _timeit(fn, iters, warmup, device):
     return statistics.median(times) * 1e3, min(times) * 1e3
 
 
+def _mxfp4_layers(layer, dtype):
+    """Quantise ``layer``'s experts to MXFP4 in place (dense, dequantised) and return a copy holding them packed."""
+    import copy
+
+    import torch
+
+    from ossforge.model.fused_moe import _unwrap_experts, fuse_moe
+    from ossforge.model.mxfp4 import fake_quantize_mxfp4, quantize_mxfp4
+    from ossforge.model.mxfp4_experts import install_mxfp4_expert_weight
+
+    dense = _unwrap_experts(layer.mlp.experts)[0]
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            param = getattr(dense, name)
+            param.copy_(fake_quantize_mxfp4(param))
+    packed_layer = copy.deepcopy(layer)
+    packed = _unwrap_experts(packed_layer.mlp.experts)[0]
+    for name in ("gate_up_proj", "down_proj"):
+        with torch.no_grad():
+            blocks, scales = quantize_mxfp4(getattr(packed, name))  # the exact bytes: values are representable
+        install_mxfp4_expert_weight(packed, name, blocks, scales, dtype)
+    return fuse_moe(packed_layer)
+
+
 def bench_moe(experts, top_k, hidden, inter, tokens, rank, dtype, device, iters=10, warmup=2,
-              variants=VARIANTS):
+              variants=VARIANTS, expert_format="bf16"):
     import torch
 
     from ossforge.kernels.moe_lora import resolve_backend
     from ossforge.model.fused_moe import fuse_moe, unfuse_moe
+    from ossforge.model.mxfp4_experts import resident_expert_bytes
 
     layer, config = _build_layer(experts, top_k, hidden, inter, rank, dtype, device)
+    layers = {}
+    if expert_format == "mxfp4":
+        layers["ossforge_mxfp4"] = _mxfp4_layers(layer, dtype)
+        variants = ["ossforge_mxfp4", *variants]
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(1, tokens, hidden, generator=gen, device=device).to(dtype).requires_grad_()
     grad_out = torch.randn(1, tokens, hidden, generator=gen, device=device).to(dtype)
-    trainable = [p for p in layer.parameters() if p.requires_grad]
+    trainable = {}
+    for name in variants:
+        lyr = layers.get(name, layer)
+        trainable[name] = [p for p in lyr.parameters() if p.requires_grad]
+    current = ["ossforge"]
 
     def step():
         x.grad = None
-        for p in trainable:
+        for p in trainable[current[0]]:
             p.grad = None
-        out, _ = layer.mlp(x)
+        out, _ = layers.get(current[0], layer).mlp(x)
         out.backward(grad_out)
         return out
 
     def setup(variant):
+        current[0] = variant
+        if variant in layers:
+            return
         unfuse_moe(layer)
         if variant == "ossforge":
             fuse_moe(layer)
@@ -187,8 +236,8 @@ def bench_moe(experts, top_k, hidden, inter, tokens, rank, dtype, device, iters=
             torch.cuda.reset_peak_memory_stats()
             base_mem = torch.cuda.memory_allocated()
         out = step().detach()
-        outputs[variant] = [out.float()] + [t.grad.float().clone() for t in [x] + trainable]
-        rows[variant] = {}
+        outputs[variant] = [out.float()] + [t.grad.float().clone() for t in [x] + trainable[variant]]
+        rows[variant] = {"expert_weights_mib": round(resident_expert_bytes(layers.get(variant, layer)) / 2**20, 3)}
         if device.type == "cuda":
             torch.cuda.synchronize()
             rows[variant]["peak_mem_gib"] = round((torch.cuda.max_memory_allocated() - base_mem) / 2**30, 3)
@@ -211,15 +260,19 @@ def bench_moe(experts, top_k, hidden, inter, tokens, rank, dtype, device, iters=
     for variant, row in rows.items():
         row["tflops"] = round(flops / row["ms"] / 1e9, 4)
         row["pct_dense"] = round(100 * row["tflops"] / dense_tflops, 1)
-        if variant != "ossforge":
+        if variant == "ossforge_mxfp4":
+            row["time_vs_bf16_ossforge"] = round(row["ms"] / rows["ossforge"]["ms"], 3)
+            if "grouped_mm" in rows:
+                row["speedup_vs_grouped_mm"] = round(rows["grouped_mm"]["ms"] / row["ms"], 3)
+        elif variant != "ossforge":
             row["ossforge_speedup"] = round(row["ms"] / rows["ossforge"]["ms"], 3)
             if "peak_mem_gib" in row and row["peak_mem_gib"] > 0:
                 row["ossforge_mem_ratio"] = round(rows["ossforge"]["peak_mem_gib"] / row["peak_mem_gib"], 3)
     reference = "grouped_mm" if "grouped_mm" in outputs else next((v for v in outputs if v != "ossforge"), None)
     max_rel = None
     if reference is not None:
-        max_rel = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-                      for a, b in zip(outputs["ossforge"], outputs[reference]))
+        max_rel = _max_rel(outputs["ossforge"], outputs[reference])
+    mxfp4_rel = _max_rel(outputs["ossforge_mxfp4"], outputs["ossforge"]) if "ossforge_mxfp4" in outputs else None
     return {
         "device": _device_name(device),
         "torch": torch.__version__,
@@ -233,8 +286,14 @@ def bench_moe(experts, top_k, hidden, inter, tokens, rank, dtype, device, iters=
         "results": rows,
         "max_rel_diff_vs": reference,
         "max_rel_diff": max_rel,
+        "expert_format": expert_format,
+        "mxfp4_max_rel_diff_vs_bf16_ossforge": mxfp4_rel,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+
+
+def _max_rel(got, want):
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(got, want))
 
 
 def _grouped_gemm_throughput(layer, x, dtype, device, iters, warmup):
@@ -297,15 +356,21 @@ def format_table(result) -> str:
         f"I={result['intermediate']} T={result['tokens']} r={result['rank']} {result['dtype']} on {result['device']}",
         f"dense matmul of equal FLOPs: {result['dense_matmul']['ms']:.2f} ms "
         f"({result['dense_matmul']['tflops']:.3f} TFLOP/s)",
-        f"{'variant':<12}{'ms':>10}{'TFLOP/s':>10}{'% dense':>9}{'ossforge x':>12}{'peak GiB':>10}",
+        f"{'variant':<15}{'ms':>10}{'TFLOP/s':>10}{'% dense':>9}{'ossforge x':>12}{'peak GiB':>10}{'experts MiB':>13}",
     ]
     for name, row in result["results"].items():
         speed = f"{row['ossforge_speedup']:.2f}" if "ossforge_speedup" in row else "-"
+        if "time_vs_bf16_ossforge" in row:
+            speed = f"1/{row['time_vs_bf16_ossforge']:.2f}"
         mem = f"{row['peak_mem_gib']:.2f}" if "peak_mem_gib" in row else "-"
-        lines.append(f"{name:<12}{row['ms']:>10.2f}{row['tflops']:>10.3f}{row['pct_dense']:>9.1f}{speed:>12}{mem:>10}")
+        lines.append(f"{name:<15}{row['ms']:>10.2f}{row['tflops']:>10.3f}{row['pct_dense']:>9.1f}{speed:>12}{mem:>10}"
+                     f"{row['expert_weights_mib']:>13.3f}")
     g = result["grouped_gemm"]
     lines.append(f"gate/up grouped GEMM alone: {g['ms']:.2f} ms, {g['tflops']:.3f} TFLOP/s = {g['pct_dense']:.1f}% "
                  f"of a dense matmul of the same shape ({g['dense_same_shape_tflops']:.3f} TFLOP/s)")
+    if result.get("mxfp4_max_rel_diff_vs_bf16_ossforge") is not None:
+        lines.append(f"max relative difference ossforge_mxfp4 vs ossforge on the dequantised weights: "
+                     f"{result['mxfp4_max_rel_diff_vs_bf16_ossforge']:.2e}")
     if result["max_rel_diff"] is not None:
         lines.append(f"max relative difference ossforge vs {result['max_rel_diff_vs']}: {result['max_rel_diff']:.2e}")
     return "\n".join(lines)

@@ -22,10 +22,15 @@ MATMUL_VARIANTS = {
     "dx": dict(HAS_LORA=True, SCATTER=True),
     "gate_up_no_lora": dict(GATHER=True, HAS_BIAS=True, SWIGLU=True),
     "dx_no_lora": dict(SCATTER=True),
+    # MXFP4-resident experts: W decoded from packed bytes in the K loop (W^T for the backward GEMMs)
+    "gate_up_mxfp4": dict(GATHER=True, HAS_BIAS=True, HAS_LORA=True, SWIGLU=True, MXFP4=True),
+    "down_mxfp4": dict(HAS_BIAS=True, HAS_LORA=True, ROW_SCALE=True, SCATTER=True, MXFP4=True),
+    "down_backward_mxfp4": dict(GATHER=True, HAS_LORA=True, ROW_SCALE=True, DSWIGLU=True, MXFP4=True, W_TRANS=True),
+    "dx_mxfp4": dict(HAS_LORA=True, SCATTER=True, MXFP4=True, W_TRANS=True),
 }
 TN_VARIANTS = {"gather_right": dict(GATHER_R=True), "gather_left": dict(GATHER_L=True)}
 _INT_PTRS = {"tile_expert_ptr": "i32", "tile_start_ptr": "i64", "offsets_ptr": "i64", "rows_ptr": "i64",
-             "perm_ptr": "i64", "part_ptr": "fp32"}
+             "perm_ptr": "i64", "part_ptr": "fp32", "wscale_ptr": "u8", "lut_ptr": "fp32"}
 
 
 def _jit_fn(kernel):
@@ -47,7 +52,8 @@ def compile_variant(kernel, constexprs: dict, dtype: str, num_warps: int, num_st
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*" + _INT_PTRS.get(name, dtype)
+            packed = name == "w_ptr" and constexprs.get("MXFP4")
+            signature[name] = "*u8" if packed else "*" + _INT_PTRS.get(name, dtype)
         elif name in ("lora_scaling", "alpha", "limit"):
             signature[name] = "fp32"
         else:  # sizes and strides
@@ -70,7 +76,7 @@ def main(argv=None) -> int:
     mm_configs = gg._mm_configs() if args.all else gg._mm_configs()[:1]
     tn_configs = gg._tn_configs() if args.all else gg._tn_configs()[:1]
     defaults = dict(GATHER=False, SCATTER=False, HAS_BIAS=False, HAS_LORA=False, ROW_SCALE=False, SWIGLU=False,
-                    DSWIGLU=False, BLOCK_M=128, BLOCK_RANK=16)
+                    DSWIGLU=False, MXFP4=False, W_TRANS=False, BLOCK_M=128, BLOCK_RANK=16)
     count = 0
     for dtype in dtypes:
         for name, variant in MATMUL_VARIANTS.items():

@@ -13,6 +13,10 @@ rows can be scattered back to slot order for a deterministic top-k sum. In backw
 ``[BLOCK_M, 2 BLOCK_N]`` tiles split/joined in registers; ``act`` and per-tile partial sums of ``g * act`` for
 the routing-weight gradient), so ``g`` never goes to memory.
 
+MXFP4 experts (``W`` an :class:`ossforge.kernels.mxfp4.MXFP4Weight`): the same kernel loads the packed bytes and
+E8M0 scales of each W tile in the K loop and decodes them (16-entry LUT, ``2^(scale-127)``) to the dtype of X
+before the dot, for W (forward) and W^T (the dX GEMMs and the down backward) alike; everything else is unchanged.
+
 ``expert_tn``: one program per (expert, P tile, Q tile) loops over that expert's rows: ``L_e^T R_e``
 (dA, dB and, for trainable experts, dW).
 
@@ -29,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ossforge.kernels.mxfp4 import MXFP4Weight, fp4_lut
 from ossforge.kernels.reference import SWIGLU_ALPHA, SWIGLU_LIMIT, LoraFactors
 from ossforge.kernels.routing import Routing, tile_table
 
@@ -68,21 +73,45 @@ def _dot(a, b, acc, CAST_F32: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
+@triton.jit
+def _mxfp4_tile(q_ptr, s_ptr, lut_ptr, e64, ks, cols, mask, sqe, sqo, sse, sso, W_TRANS: tl.constexpr):
+    """fp32 tile ``W[k, n]`` (rows ``ks``, columns ``cols``) decoded from MXFP4 bytes in the published layout.
+
+    The stored matrix is ``[E, out, in]`` with two FP4 codes per byte (even input in the low nibble) and one
+    E8M0 exponent per 32 inputs: ``W = W_stored^T`` (forward, K = in) or ``W_stored`` itself (``W_TRANS``: the
+    dX GEMMs over ``W^T``, K = out). Value = LUT[code] * 2^(scale - 127), the power of two built from its bits.
+    """
+    if W_TRANS:
+        out_i = ks[:, None]
+        in_i = cols[None, :]
+    else:
+        out_i = cols[None, :]
+        in_i = ks[:, None]
+    byte = tl.load(q_ptr + e64 * sqe + out_i * sqo + in_i // 2, mask=mask, other=0).to(tl.int32)
+    code = (byte >> ((in_i % 2) * 4)) & 15
+    value = tl.load(lut_ptr + code)
+    exp = tl.load(s_ptr + e64 * sse + out_i * sso + in_i // 32, mask=mask, other=127).to(tl.int32)
+    # 2^(exp-127): exponent bits of an fp32 for exp >= 1; byte 0 is the subnormal 2^-127.
+    scale = tl.where(exp == 0, 5.877471754111438e-39, (exp << 23).to(tl.float32, bitcast=True))
+    return value * scale
+
+
 # reset_to_zero: configs with a smaller BLOCK_N write more partial-sum rows; stale ones must not survive tuning.
-@triton.autotune(configs=_mm_configs(), key=["N", "K", "SWIGLU", "DSWIGLU", "HAS_LORA", "BLOCK_M"],
+@triton.autotune(configs=_mm_configs(), key=["N", "K", "SWIGLU", "DSWIGLU", "HAS_LORA", "BLOCK_M", "MXFP4", "W_TRANS"],
                  reset_to_zero=["part_ptr"])
 @triton.jit
 def _expert_matmul_kernel(
-    x_ptr, w_ptr, bias_ptr, l1_ptr, l2_ptr, scale_ptr, rows_ptr, perm_ptr,
+    x_ptr, w_ptr, wscale_ptr, lut_ptr, bias_ptr, l1_ptr, l2_ptr, scale_ptr, rows_ptr, perm_ptr,
     tile_expert_ptr, tile_start_ptr, offsets_ptr,
     out_ptr, act_ptr, xl_ptr, h_ptr, part_ptr,
     N, K, R, num_m_tiles, lora_scaling,
-    sxm, sxk, swe, swk, swn, sbe, sbn,
+    sxm, sxk, swe, swk, swn, sqe, sqo, sse, sso, sbe, sbn,
     s1e, s1k, s1r, s2e, s2r, s2n,
     som, son, sam, san, sxlm, sxlr, shm, shn, spn,
     alpha, limit,
     GATHER: tl.constexpr, SCATTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     ROW_SCALE: tl.constexpr, SWIGLU: tl.constexpr, DSWIGLU: tl.constexpr, CAST_F32: tl.constexpr,
+    MXFP4: tl.constexpr, W_TRANS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RANK: tl.constexpr,
 ):
     # Grouped order: GROUP row tiles (mostly one expert) sweep the column tiles together, so the X rows and
@@ -123,7 +152,11 @@ def _expert_matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         mask_k = ks < K - k0
         a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if MXFP4:
+            wt = _mxfp4_tile(w_ptr, wscale_ptr, lut_ptr, e64, k0 + ks, cols, mask_k[:, None] & mask_n[None, :],
+                             sqe, sqo, sse, sso, W_TRANS).to(a.dtype)
+        else:
+            wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = _dot(a, wt, acc, CAST_F32)
         if HAS_LORA:
             l1 = tl.load(l1_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
@@ -271,15 +304,23 @@ def expert_matmul(x, w, routing: Routing, *, gather: bool = False, bias=None,
     part = torch.zeros(triton.cdiv(n, MIN_BLOCK_N), num_rows, device=x.device, dtype=torch.float32) if dswiglu \
         else torch.zeros(1, 1, device=x.device, dtype=torch.float32)
 
+    packed = isinstance(w, MXFP4Weight)
+    if packed:  # W decoded from MXFP4 in the K loop; the dense strides are unused
+        w_t, wscale, lut = w.blocks, w.scales, fp4_lut(x.device)
+        w_strides = (0, 0, 0, w.blocks.stride(0), w.blocks.stride(1), w.scales.stride(0), w.scales.stride(1))
+    else:
+        w_t, wscale, lut = w, dummy, dummy
+        w_strides = (w.stride(0), w.stride(1), w.stride(2), 0, 0, 0, 0)
+
     def grid(meta):
         return (max_tiles * triton.cdiv(n, meta["BLOCK_N"]),)
 
     _expert_matmul_kernel[grid](
-        x, w, bias_t, l1, l2, row_scale if row_scale is not None else dummy,
+        x, w_t, wscale, lut, bias_t, l1, l2, row_scale if row_scale is not None else dummy,
         routing.token_of_row, routing.perm, tile_expert, tile_start, routing.offsets,
         out, act_t, xl_t, h_t, part,
         n, k, rank, max_tiles, float(lora.scaling) if lora is not None else 0.0,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        x.stride(0), x.stride(1), *w_strides,
         bias_t.stride(0), bias_t.stride(-1),
         l1.stride(0), l1.stride(1), l1.stride(2), l2.stride(0), l2.stride(1), l2.stride(2),
         out.stride(0), out.stride(1), act_t.stride(0), act_t.stride(-1), xl_t.stride(0), xl_t.stride(-1),
@@ -287,6 +328,7 @@ def expert_matmul(x, w, routing: Routing, *, gather: bool = False, bias=None,
         SWIGLU_ALPHA, SWIGLU_LIMIT,
         GATHER=gather, SCATTER=scatter, HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
         ROW_SCALE=row_scale is not None, SWIGLU=swiglu_out, DSWIGLU=dswiglu, CAST_F32=INTERPRET or x.dtype == torch.float32,
+        MXFP4=packed, W_TRANS=packed and w.transposed,
         BLOCK_M=block_m, BLOCK_RANK=max(16, triton.next_power_of_2(max(rank, 1))),
     )
     if dswiglu:

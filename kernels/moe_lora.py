@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from ossforge.kernels.mxfp4 import MXFP4Weight
 from ossforge.kernels.reference import LoraFactors
 from ossforge.kernels.routing import sort_by_expert
 
@@ -66,13 +67,18 @@ class MoeLoraFunction(torch.autograd.Function):
         h, act, xl1 = ops.expert_matmul(x, w1, routing, gather=True, bias=b1, lora=lora1, swiglu_out=True)
         y_slots, _, xl2 = ops.expert_matmul(act, w2, routing, bias=b2, lora=lora2, row_scale=w_rows, scatter=True)
         out = y_slots.view(num_tokens, top_k, y_slots.shape[-1]).sum(1)  # explicit width: T may be 0
-        ctx.save_for_backward(x, w_rows, h, xl1, xl2, w1, b1, w2, b2, a1, bb1, a2, bb2)
+        # Packed MXFP4 experts are not tensors (frozen, no grad): kept on ctx, the rest saved as usual.
+        ctx.packed = [w if isinstance(w, MXFP4Weight) else None for w in (w1, w2)]
+        ctx.save_for_backward(x, w_rows, h, xl1, xl2, None if ctx.packed[0] else w1, b1,
+                              None if ctx.packed[1] else w2, b2, a1, bb1, a2, bb2)
         ctx.routing, ctx.s1, ctx.s2, ctx.backend = routing, s1, s2, backend
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, w_rows, h, xl1, xl2, w1, b1, w2, b2, a1, bb1, a2, bb2 = ctx.saved_tensors
+        w1 = ctx.packed[0] if ctx.packed[0] is not None else w1
+        w2 = ctx.packed[1] if ctx.packed[1] is not None else w2
         ops = _ops(ctx.backend)
         routing, s1, s2 = ctx.routing, ctx.s1, ctx.s2
         need = ctx.needs_input_grad
@@ -136,6 +142,7 @@ def moe_lora(x, router_weight, router_index, gate_up, gate_up_bias, down, down_b
     well defined (dX [0, H], zero LoRA and expert gradients).
 
     ``gate_up_lora`` / ``down_lora``: ``(lora_A.weight, lora_B.weight, scaling)`` in peft's layout, or None.
+    ``gate_up`` / ``down``: dense ``[E, K, N]`` tensors or frozen :class:`MXFP4Weight` (decoded in the GEMMs).
     """
     backend = resolve_backend(x.device, backend)
     a1, bb1, s1 = gate_up_lora if gate_up_lora is not None else (None, None, 0.0)

@@ -47,14 +47,28 @@ def load_model(model_cfg, *, dtype=None, device="cpu"):
     """
     import torch
 
+    from ossforge.model.mxfp4_experts import quantize_experts_, resolve_expert_format
+
     if dtype is None:
         dtype = resolve_dtype(getattr(model_cfg, "dtype", "auto"), device)
+    requested = getattr(model_cfg, "expert_format", "bf16")
     if model_cfg.preset:
         from ossforge.model.presets import build_random
 
         model = build_random(model_cfg.preset, seed=model_cfg.init_seed, dtype=dtype)
+        if resolve_expert_format(requested, folder_is_mxfp4=False, device=device) == "mxfp4":
+            quantize_experts_(model)  # random experts quantised once; training then sees exactly these
         return model.to(device).eval()
-    return load_folder(model_cfg.path, dtype=dtype, device=device)
+    fmt = resolve_expert_format(requested, folder_is_mxfp4=stores_mxfp4_experts(model_cfg.path), device=device)
+    return load_folder(model_cfg.path, dtype=dtype, device=device, expert_format=fmt)
+
+
+def stores_mxfp4_experts(folder) -> bool:
+    """Whether the folder keeps its expert weights as MXFP4 ``*_blocks``/``*_scales``."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        return False  # load_folder reports it
+    return any(name.endswith("_blocks") for name in weight_files(folder))
 
 
 def read_config(folder):
@@ -110,8 +124,11 @@ def stored_dtype(folder):
     return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}.get(code, torch.float32)
 
 
-def load_folder(folder, *, dtype=None, device="cpu"):
-    """Load a local HF gpt-oss folder; ``dtype`` None keeps fp32."""
+def load_folder(folder, *, dtype=None, device="cpu", expert_format: str = "bf16"):
+    """Load a local HF gpt-oss folder; ``dtype`` None keeps fp32.
+
+    ``expert_format="mxfp4"`` keeps the experts packed (MXFP4 folders: as stored; bf16 folders: quantised once).
+    """
     import torch
     from transformers import GptOssForCausalLM
 
@@ -144,6 +161,9 @@ def load_folder(folder, *, dtype=None, device="cpu"):
     for file, names in by_file.items():
         with _open_safetensors(file) as f:
             for name in names:
+                if expert_format == "mxfp4" and name.endswith(EXPERT_WEIGHTS):
+                    _load_packed_expert(model, f, file, files, name, dtype, device, tuple(wanted[name].shape))
+                    continue
                 tensor = _read_tensor(f, file, files, name, dtype, device)
                 expected = tuple(wanted[name].shape)
                 if tuple(tensor.shape) != expected:
@@ -171,10 +191,15 @@ def save_base(model, out_dir, *, max_shard_size: str | int = "5GB") -> Path:
     """
     from transformers import GptOssForCausalLM
 
+    from ossforge.model.mxfp4_experts import is_mxfp4_resident
+
     if not isinstance(model, GptOssForCausalLM):
         raise TypeError(f"save_base needs a plain GptOssForCausalLM (save before wrapping), got {type(model).__name__}")
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if is_mxfp4_resident(model):  # packed experts are written as they are held: the published MXFP4 format
+            write_mxfp4_folder(model, tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
     model.name_or_path = str(Path(out_dir).resolve())
     return Path(out_dir)
 
@@ -200,6 +225,7 @@ def write_mxfp4_folder(model, folder, *, dtype=None, max_shard_bytes: int = DEFA
     import torch
 
     from ossforge.model.mxfp4 import GROUP, dequantize_mxfp4, quantize_mxfp4
+    from ossforge.model.mxfp4_experts import MXFP4Tensor
 
     config = model.config
     for dim in (config.hidden_size, config.intermediate_size):
@@ -211,7 +237,10 @@ def write_mxfp4_folder(model, folder, *, dtype=None, max_shard_bytes: int = DEFA
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, param in model.state_dict().items():
-            if name.endswith(EXPERT_WEIGHTS):
+            if isinstance(param, MXFP4Tensor):  # already packed: the bytes as held
+                yield f"{name}_blocks", param.blocks
+                yield f"{name}_scales", param.scales
+            elif name.endswith(EXPERT_WEIGHTS):
                 blocks, scales = quantize_mxfp4(param.detach().to(work))
                 blocks, scales = blocks.to(param.device), scales.to(param.device)
                 yield f"{name}_blocks", blocks
@@ -319,6 +348,35 @@ def _read_tensor(f, file: Path, files: dict, name: str, dtype, device):
         return dequantize_mxfp4(blocks.to(device), scales.to(device), dtype)  # on the GPU when loading there
     except ValueError as exc:
         raise UserError(f"{file}: {name}_blocks: {exc}") from None
+
+
+def _load_packed_expert(model, f, file, files, name, dtype, device, expected) -> None:
+    """Read one expert weight as MXFP4 blocks+scales (quantising a dense one) and install it packed."""
+    from ossforge.model.mxfp4 import quantize_mxfp4
+    from ossforge.model.mxfp4_experts import install_mxfp4_expert_weight
+
+    module_name, _, attr = name.rpartition(".")
+    if name in files:
+        blocks, scales = quantize_mxfp4(f.get_tensor(name).to(device))
+    else:
+        blocks, scales = (_read_raw(f, file, files, f"{name}_{part}").to(device) for part in ("blocks", "scales"))
+    try:
+        install_mxfp4_expert_weight(model.get_submodule(module_name), attr, blocks, scales, dtype)
+    except ValueError as exc:
+        raise UserError(f"{file}: {name}_blocks: {exc}") from None
+
+
+def _read_raw(f, file: Path, files: dict, name: str):
+    """A stored tensor by its file name (from another shard when it lives there)."""
+    try:
+        if files[name] == file:
+            return f.get_tensor(name)
+        with _open_safetensors(files[name]) as g:
+            return g.get_tensor(name)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{file}: {name}: cannot read tensor: {exc}") from None
 
 
 def _assign(model, name: str, tensor) -> None:

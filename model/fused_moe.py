@@ -16,6 +16,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
 from ossforge.kernels.moe_lora import moe_lora
 from ossforge.kernels.reference import SWIGLU_ALPHA, SWIGLU_LIMIT
+from ossforge.model.mxfp4_experts import MXFP4Tensor
 
 _FALLBACK = object()
 
@@ -43,6 +44,11 @@ def _unwrap_experts(experts):
     return module, wrappers
 
 
+def _kernel_weight(weight):
+    """MXFP4-resident experts go to the kernels packed (they decode W in their K loop); dense ones as they are."""
+    return weight.packed() if isinstance(weight, MXFP4Tensor) else weight
+
+
 def fused_experts_call(mlp):
     """``f(rows [N, H], weights [N, k], index [N, k]) -> [N, H]`` running ``mlp``'s experts (with the active
     expert LoRA) on the fused kernels, or None when the fused path does not cover this block's state.
@@ -67,7 +73,8 @@ def fused_experts_call(mlp):
     def call(rows, weights, index):
         return moe_lora(
             rows, weights, index,
-            experts.gate_up_proj, experts.gate_up_proj_bias, experts.down_proj, experts.down_proj_bias,
+            _kernel_weight(experts.gate_up_proj), experts.gate_up_proj_bias,
+            _kernel_weight(experts.down_proj), experts.down_proj_bias,
             gate_up_lora=lora1, down_lora=lora2, backend=backend,
         )
 

@@ -94,3 +94,20 @@ def fake_quantize_mxfp4(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` after an MXFP4 round trip, same shape and dtype (to measure what quantizing costs)."""
     blocks, scales = quantize_mxfp4(weight)
     return dequantize_mxfp4(blocks, scales, weight.dtype)
+
+
+MXFP4_BITS = 4 + 8 / GROUP  # 4-bit codes + one 8-bit E8M0 scale per 32 values = 4.25
+
+
+def expert_bytes(num_params: int | float, fmt: str, dense_bytes: int = 2) -> float:
+    """Bytes that ``num_params`` expert weights take resident in ``fmt`` (``mxfp4`` or ``bf16``/dense).
+
+    MXFP4 is what :class:`ossforge.model.mxfp4_experts.MXFP4Tensor` holds (blocks + scales); ``dense_bytes`` is
+    the element size of the dense format (2 for bf16, 4 for fp32). Expert biases (0.03% of the expert
+    parameters) are counted at the same rate.
+    """
+    if fmt == "mxfp4":
+        return num_params * MXFP4_BITS / 8
+    if fmt in ("bf16", "dense"):
+        return float(num_params * dense_bytes)
+    raise ValueError(f"expert format must be 'mxfp4' or 'bf16', got {fmt!r}")

@@ -17,5 +17,6 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, "-m", "ossforge.kernels.compile_check"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "8 kernel variants compiled for sm_90" in proc.stdout
+    assert "12 kernel variants compiled for sm_90" in proc.stdout
+    assert "dx_mxfp4" in proc.stdout and "down_backward_mxfp4" in proc.stdout
     assert "down_backward" in proc.stdout
