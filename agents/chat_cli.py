@@ -36,9 +36,10 @@ def add_arguments(p):
                    help="use the training data's short system prompt and single tool (small models such as the "
                         "quickstart; on by default when falling back to runs/quickstart)")
     p.add_argument("--show-reasoning", action="store_true", help="also print the analysis channel")
-    p.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="low")
+    p.add_argument("--reasoning-effort", choices=["low", "medium", "high"], default="low",
+                   help="how long the model thinks before answering")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per model call (default 512)")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 always picks the likeliest token")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--trace", metavar="FILE", help="append a JSONL record of every step to FILE, with emails, "
                    "phone numbers, record numbers and other personal details replaced by tags "

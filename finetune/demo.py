@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", type=int, default=0, metavar="I", help="which held-out conversation to show (0-based)")
     p.add_argument("--score", type=int, default=5, metavar="N",
                    help="also count well-formed tool calls, tuned vs base, on the first N held-out prompts (0: skip)")
-    p.add_argument("--max-new-tokens", type=int, default=128, metavar="T")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="T",
+                   help="longest reply to generate, in tokens")
 
 
 @dataclass

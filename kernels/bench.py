@@ -55,7 +55,7 @@ def add_arguments(p):
 
 
 def add_moe_arguments(p):
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="layer preset (default: cpu on --device cpu, 20b on cuda)")
     p.add_argument("--tokens", type=int, default=None, help="override the number of tokens T")
@@ -63,7 +63,7 @@ def add_moe_arguments(p):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 10 cpu, 20 cuda)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--skip", action="append", default=[], choices=VARIANTS,
                    help="leave a variant out (repeatable); ossforge always runs")

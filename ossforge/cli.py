@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from ossforge.errors import UserError
+from ossforge.help import DESCRIPTIONS, SUB_DESCRIPTIONS, HelpFormatter
 
 # name -> (module, one-line help). Order is the order shown by --help.
 COMMANDS = {
@@ -50,15 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(
-            name,
-            help=help_text,
-            description=(module.__doc__ or help_text).strip(),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        p = sub.add_parser(name, help=help_text, description=DESCRIPTIONS.get(name, help_text),
+                           formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
+        _plain_help(p, name)
     return parser
+
+
+def _plain_help(parser: argparse.ArgumentParser, command: str) -> None:
+    """Sub-subcommands (``data check``, ``bench moe``, ``mcp serve``) get the same formatter and, where
+    their module's text is written for developers, a plain description."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                child.formatter_class = HelpFormatter
+                child.description = SUB_DESCRIPTIONS.get((command, name), child.description)
 
 
 def _version() -> str:

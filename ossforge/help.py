@@ -99,6 +99,33 @@ examples:
   ossforge mcp serve --domain education --port 8765  # streamable HTTP""",
 }
 
+# Subcommands whose module text is written for developers.
+SUB_DESCRIPTIONS = {
+    ("bench", "moe"): """\
+Time one gpt-oss MoE layer with LoRA on its experts, forward and backward, three ways in the same
+run: ossforge's fused kernels, transformers' grouped matmul path with peft's LoRA, and transformers'
+plain loop with peft's LoRA. All three get the same weights and inputs; the run first checks that
+ossforge's outputs and gradients match, then reports the time per step, the speed-up, peak GPU memory,
+achieved TFLOP/s and how close that is to a plain matrix multiply of the same size on this device.
+With --expert-format mxfp4 it also times the layer with experts kept in 4-bit MXFP4.
+
+examples:
+  ossforge bench moe --device cpu
+  ossforge bench moe --device cuda --shape 120b --json bench-120b.json
+  ossforge bench moe --device cuda --shape 20b --expert-format mxfp4""",
+    ("bench", "train"): """\
+Time whole LoRA training steps (forward, backward, optimizer) of a shallow model with the real
+gpt-oss layer sizes and vocabulary, the ossforge way and the way a plain transformers + peft setup
+trains (grouped-matmul experts, eager attention, logits for every token), alternating in one run.
+Reports tokens per second, model TFLOP/s, the share of a plain matrix multiply's speed, peak memory,
+and with --gpu-mem-gib the longest sequence that still fits. The FLOP count is in the README
+("Whole training steps").
+
+examples:
+  ossforge bench train --shape tiny --device cpu
+  ossforge bench train --shape 20b --layers 2 --seq 4096 --gpu-mem-gib 80""",
+}
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Descriptions as written, and every option's default shown unless its help already says it."""
@@ -106,7 +133,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if (default in (None, False, argparse.SUPPRESS) or default == [] or "default" in text.lower()
-                or not action.option_strings):
+        if (default is None or default is False or default is argparse.SUPPRESS or default == []
+                or "default" in text.lower() or not action.option_strings):
             return text
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
