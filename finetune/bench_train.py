@@ -36,6 +36,7 @@ import time
 
 from ossforge import atomic
 from ossforge.errors import UserError
+from ossforge.kernels.bench import device_name
 
 SHAPES = {"tiny": "tiny", "20b": "gpt-oss-20b", "120b": "gpt-oss-120b"}
 PATHS = ("ossforge", "stock")
@@ -372,7 +373,7 @@ def bench_train(shape, layers, seq, micro_batch, rank, dtype, device, steps=3, w
     return {
         "shape": shape, "preset": SHAPES[shape], "layers": layers,
         "full_layers": _full_layers(shape), "seq": seq, "micro_batch": micro_batch, "tokens_per_step": tokens,
-        "rank": rank, "dtype": str(dtype).replace("torch.", ""), "device": _device_name(device),
+        "rank": rank, "dtype": str(dtype).replace("torch.", ""), "device": device_name(device),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "gradient_checkpointing": checkpointing, "steps": steps, "warmup": warmup,
         "trainable_params": sum(p.numel() for p in trainable),
@@ -468,16 +469,6 @@ def longest_sequence(model, optimizer, path, device, micro_batch, gpu_mem_gib, m
         found[depth] = lo * unit
     return {"gpu_mem_gib": gpu_mem_gib, "unit": unit, "max_seq": max_seq, **found,
             "probes": {str(s): (round(p / GIB, 3) if p is not None else "oom") for s, p in sorted(peaks.items())}}
-
-
-def _device_name(device):
-    import platform
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cpus)"
 
 
 def format_table(result) -> str:

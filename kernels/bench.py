@@ -274,7 +274,7 @@ def bench_moe(experts, top_k, hidden, inter, tokens, rank, dtype, device, iters=
         max_rel = _max_rel(outputs["ossforge"], outputs[reference])
     mxfp4_rel = _max_rel(outputs["ossforge_mxfp4"], outputs["ossforge"]) if "ossforge_mxfp4" in outputs else None
     return {
-        "device": _device_name(device),
+        "device": device_name(device),
         "torch": torch.__version__,
         "dtype": str(dtype).replace("torch.", ""),
         "experts": experts, "top_k": top_k, "hidden": hidden, "intermediate": inter,
@@ -340,7 +340,7 @@ def _dense_ms(flops, rows, hidden, dtype, device, iters, warmup):
     return median_ms * (flops / (2 * rows * hidden * n))
 
 
-def _device_name(device):
+def device_name(device):
     import platform
 
     import torch
