@@ -75,7 +75,7 @@ def _launch(out: Path, *worker_args: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
            str(_free_port()), "tests/ep_worker.py", "--out", str(out), *worker_args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -124,6 +124,36 @@ def test_ep2_matches_ep1_with_clipping_on_every_engine_path(tmp_path):
     _launch(tmp_path, "--paths", ",".join(p for p, _, _ in PATHS), "--steps", "3", "--save-at", "2",
             "--grad-accum", "2", "--dead-experts", "4,5,6,7;7")
     check_suite(tmp_path)
+
+
+def suite_figures(out: Path, paths=PATHS) -> dict:
+    """EP=2 vs EP=1 (and resumed vs unbroken) differences of an ``ep_worker.py`` output, per path."""
+    from safetensors.torch import load_file
+
+    figures = {}
+    for path, _, _ in paths:
+        base = out / path
+        if not (base / "ep1").is_dir():
+            continue
+        runs = {r.name: _run_results(r) for r in sorted(base.iterdir()) if r.is_dir()}
+        ep1, ep2 = runs["ep1"], runs["ep2"]
+        w1 = load_file(base / "ep1" / "adapter-3" / "adapter_model.safetensors")
+        w2 = load_file(base / "ep2" / "adapter-3" / "adapter_model.safetensors")
+        fig = {"optimizer": ep2[0]["optimizer"],
+               "max_rel_loss_ep2_vs_ep1": max(_rel(ep2[r]["losses"][s], ep1[r]["losses"][s])
+                                              for r in (0, 1) for s in ep1[r]["losses"]),
+               "rel_grad_norm_step0_ep2_vs_ep1": _rel(ep2[0]["grad_norms"]["0"], ep1[0]["grad_norms"]["0"]),
+               "min_grad_norm_over_max_grad_norm": min(v for r in (0, 1) for v in ep1[r]["grad_norms"].values()) / 0.05,
+               "adapter_rel_frobenius_ep2_vs_ep1": _rel_frobenius(w2, w1),
+               "host_syncs_one_step_ep1": ep1[0]["host_syncs"], "host_syncs_one_step_ep2": ep2[0]["host_syncs"]}
+        for resumed in ("ep2-to-ep2", "ep2-to-ep1"):
+            if resumed in runs:
+                w = load_file(base / resumed / "adapter-3" / "adapter_model.safetensors")
+                fig[f"{resumed}_rel_loss_vs_unbroken"] = max(_rel(runs[resumed][r]["losses"]["2"], ep2[r]["losses"]["2"])
+                                                            for r in (0, 1))
+                fig[f"{resumed}_adapter_rel_frobenius_vs_unbroken"] = _rel_frobenius(w, w2)
+        figures[path] = fig
+    return figures
 
 
 def check_suite(out: Path, paths=PATHS) -> None:
