@@ -26,7 +26,7 @@ def _api(owner, name: str, where: str):
     return value
 
 
-def _params(fn, where: str) -> list[str]:
+def _params(fn) -> list[str]:
     return list(inspect.signature(fn).parameters)
 
 
@@ -36,15 +36,20 @@ def one_rank():
     import deepspeed
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(port))
-        deepspeed.init_distributed(dist_backend="gloo")
+    if dist.is_initialized():  # another test's world: use it and leave it
+        yield
+        return
+    saved = dict(os.environ)
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="gloo")
     yield
+    dist.destroy_process_group()  # later tests expect no world (e.g. "EP needs torch.distributed")
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_deepspeed_version_is_in_the_pinned_range():
@@ -61,7 +66,7 @@ def test_groups_create_expert_and_data_parallel(one_rank):
     from deepspeed.utils import groups
 
     create = _api(groups, "_create_expert_and_data_parallel", "deepspeed.utils.groups")
-    assert _params(create, "")[0] == "expert_parallel_size_", \
+    assert _params(create)[0] == "expert_parallel_size_", \
         "DeepSpeed private API changed: groups._create_expert_and_data_parallel(expert_parallel_size_, ...)"
     get_dict = _api(groups, "_get_expert_parallel_group_dict", "deepspeed.utils.groups")
     if "ep_size_1" not in get_dict():
@@ -187,7 +192,7 @@ def test_bf16_zero0_wrapper_exposes_fp32_masters(one_rank):
 def test_engine_load_checkpoint_takes_custom_load_fn_and_reports_grad_norm(one_rank):
     import deepspeed
 
-    params = _params(deepspeed.DeepSpeedEngine.load_checkpoint, "")
+    params = _params(deepspeed.DeepSpeedEngine.load_checkpoint)
     assert "custom_load_fn" in params, "DeepSpeed API changed: DeepSpeedEngine.load_checkpoint(custom_load_fn=)"
     assert hasattr(deepspeed.DeepSpeedEngine, "get_global_grad_norm"), \
         "DeepSpeed API changed: DeepSpeedEngine.get_global_grad_norm"
@@ -196,7 +201,7 @@ def test_engine_load_checkpoint_takes_custom_load_fn_and_reports_grad_norm(one_r
 # ----------------------------------------------------------------------------- strict resume
 
 
-def _tiny_engine(tmp_path):
+def _tiny_engine():
     from peft import LoraConfig, get_peft_model
 
     from ossforge.finetune.config import TrainingConfig
@@ -216,7 +221,7 @@ def test_resume_is_strict_a_checkpoint_without_expert_lora_is_an_error(one_rank,
     from ossforge.finetune.run_dir import RunDir
 
     run = RunDir(tmp_path / "run")
-    engine = _tiny_engine(tmp_path)
+    engine = _tiny_engine()
     run.save_checkpoint(engine, 1, {"step": 1})
     assert run.load_checkpoint(engine, "step-1")["step"] == 1  # a complete checkpoint loads
 
@@ -229,4 +234,4 @@ def test_resume_is_strict_a_checkpoint_without_expert_lora_is_an_error(one_rank,
     torch.save(checkpoint, states)
     with pytest.raises(UserError, match=rf"checkpoint lacks {len(experts)} trainable tensors \({len(experts)} of them "
                                         r"expert LoRA\), first .*experts.*; it cannot resume this run"):
-        run.load_checkpoint(_tiny_engine(tmp_path), "step-1")
+        run.load_checkpoint(_tiny_engine(), "step-1")

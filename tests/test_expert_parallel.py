@@ -1,6 +1,7 @@
 """Expert parallelism: peft-layout sharding, and 2 CPU ranks through the DeepSpeed launcher where EP=2
-(fused kernels) must reproduce EP=1 (stock transformers + peft), save the same adapter file, and resume
-an EP=2 checkpoint at EP=1."""
+(fused kernels) must reproduce EP=1 (stock transformers + peft) with every step clipped, on the fp32/bf16
+x ZeRO-0/ZeRO-2 engine paths, save the same adapter file, resume an EP=2 checkpoint at EP=2 and EP=1,
+and keep one step's host syncs bounded; then the same through `ossforge train --nproc 2`."""
 
 from __future__ import annotations
 
