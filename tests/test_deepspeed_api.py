@@ -36,20 +36,16 @@ def one_rank():
     import deepspeed
     import torch.distributed as dist
 
-    if dist.is_initialized():  # another test's world: use it and leave it
-        yield
-        return
-    saved = dict(os.environ)
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="gloo")
+    # Left initialised afterwards, as the in-process trainer tests do: DeepSpeed caches its groups.
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
+        deepspeed.init_distributed(dist_backend="gloo")
     yield
-    dist.destroy_process_group()  # later tests expect no world (e.g. "EP needs torch.distributed")
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_deepspeed_version_is_in_the_pinned_range():
