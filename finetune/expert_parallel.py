@@ -82,10 +82,13 @@ class ExpertParallelMixin:
         flat = indices.reshape(-1)
         expert_of_row, perm = torch.sort(flat, stable=True)
         token_of_row = perm // top_k
-        send_counts = torch.bincount(expert_of_row // local, minlength=self.ep_size)
+        send_counts = torch.zeros(self.ep_size, dtype=torch.long, device=flat.device)
+        send_counts.index_add_(0, expert_of_row // local, torch.ones_like(expert_of_row))  # no sync (bincount syncs on CUDA)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
-        send, recv = send_counts.tolist(), recv_counts.tolist()  # the one host sync all-to-all-v needs
+        # The one host sync of the dispatch, one per MoE layer and forward: all_to_all_single takes its
+        # split sizes as Python ints and the receive buffer's row count must be known to allocate it.
+        send, recv = torch.stack([send_counts, recv_counts]).tolist()
 
         rows = x[token_of_row]
         if torch.is_grad_enabled() and not rows.requires_grad:
@@ -243,6 +246,14 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> nn.Module:
     return model
 
 
+def expert_parallel_group(model: nn.Module):
+    """The EP process group of ``model``'s sharded experts (None at EP=1)."""
+    for module in model.modules():
+        if isinstance(module, ExpertParallelMixin):
+            return module.ep_group
+    return None
+
+
 def expert_parallel_size(model: nn.Module) -> int:
     """EP size ``apply_expert_parallel`` gave ``model`` (1 if none)."""
     for module in model.modules():
@@ -261,13 +272,14 @@ def _sharded_params(model: nn.Module, trainable_only: bool):
 
 
 @contextlib.contextmanager
-def gathered_experts(model: nn.Module, trainable_only: bool = True, optimizer=None):
+def gathered_experts(model: nn.Module, trainable_only: bool = True, optimizer=None, masters=()):
     """Inside the block every sharded expert tensor (by default only the LoRA factors) holds all
     experts, as at EP=1; on exit each rank keeps its slice of the values then present.
 
     A collective: every rank of the world must enter. Save the adapter inside (rank 0 writes), or load
     a full adapter inside (``set_peft_model_state_dict``) to shard it at load. ``optimizer``: a torch
     optimizer whose per-parameter state tensors (Adam moments) are gathered and re-sliced alike.
+    ``masters``: more sharded tensors to gather alike (fp32 master copies, carrying ``ep_kind``).
     """
     ep = expert_parallel_size(model)
     if ep == 1:
@@ -278,7 +290,7 @@ def gathered_experts(model: nn.Module, trainable_only: bool = True, optimizer=No
     name = f"ep_size_{ep}"
     group = groups._get_expert_parallel_group(name)
     rank = groups._get_expert_parallel_rank(name)
-    params = list(_sharded_params(model, trainable_only))
+    params = list(_sharded_params(model, trainable_only)) + list(masters)
 
     def states(param):
         """Optimizer state tensors shaped like ``param`` (Adam's moments), as (state dict, key) pairs."""
@@ -318,6 +330,24 @@ def gathered_experts(model: nn.Module, trainable_only: bool = True, optimizer=No
                 p.data = storage
 
 
+def _ep_independent_optimizer(optimizer):
+    """(torch optimizer whose state to gather, fp32 masters to gather) for a DeepSpeed optimizer; (None, ())
+    where the optimizer state is not one we can make EP-independent."""
+    if isinstance(optimizer, torch.optim.Optimizer) and type(optimizer).__module__.startswith("torch."):
+        return optimizer, ()
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(optimizer, FP16_UnfusedOptimizer):  # ZeRO-0 bf16: fp32 master per bf16 parameter
+        masters = []
+        for low_group, master_group in zip(optimizer.fp16_groups, optimizer.fp32_groups):
+            for low, master in zip(low_group, master_group):
+                if hasattr(low, "ep_kind"):
+                    master.ep_kind, master.ep_experts = low.ep_kind, low.ep_experts
+                    masters.append(master)
+        return optimizer.optimizer, masters
+    return None, ()
+
+
 def optimizer_param_groups(model: nn.Module) -> list[dict]:
     """Trainable parameters as optimizer groups that do not depend on EP: non-expert, then expert LoRA.
 
@@ -345,20 +375,20 @@ def ep_independent(engine):
 
     Wrap ``engine.save_checkpoint`` / ``engine.load_checkpoint`` and adapter saving in it, on every rank:
     the files then equal an EP=1 run's and load at any EP size. With a plain torch optimizer (ZeRO-0,
-    fp32) its Adam moments are gathered too and DeepSpeed's MoE checkpoint layout is switched off for
-    the block; DeepSpeed's bf16/ZeRO optimizers keep flat per-rank fp32 state, so there only the
-    weights are EP-independent and the optimizer state is meant to resume at the same EP size (untested).
+    fp32) its Adam moments are gathered too, and with DeepSpeed's bf16 ZeRO-0 wrapper
+    (``FP16_UnfusedOptimizer``) also its fp32 master copies and their moments; DeepSpeed's MoE
+    checkpoint layout is switched off for the block. ZeRO-1/2 keep flat per-rank fp32 partitions:
+    they are refused with EP (``plan.check_topology``).
     """
     model = getattr(engine, "module", engine)
     if expert_parallel_size(model) == 1:
         yield engine
         return
-    optimizer = getattr(engine, "optimizer", None)
-    plain = isinstance(optimizer, torch.optim.Optimizer) and type(optimizer).__module__.startswith("torch.")
-    with gathered_experts(model, optimizer=optimizer if plain else None):
+    optimizer, masters = _ep_independent_optimizer(getattr(engine, "optimizer", None))
+    with gathered_experts(model, optimizer=optimizer, masters=masters):
         had_moe = getattr(engine, "has_moe_layers", False)
-        if plain and hasattr(engine, "has_moe_layers"):
-            engine.has_moe_layers = False
+        if optimizer is not None and hasattr(engine, "has_moe_layers"):
+            engine.has_moe_layers = False  # one model-states file holding everything, as at EP=1
         try:
             yield engine
         finally:

@@ -50,6 +50,20 @@ def save_adapter(model_or_engine, out_dir: str | Path) -> Path:
     return Path(out_dir)
 
 
+def load_trainable(state: dict, model, where) -> None:
+    """``model.load_state_dict(state)`` for a state holding exactly ``model``'s trainable tensors."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n in trainable if n not in state]
+    if missing:
+        experts = sum(".experts." in n for n in missing)
+        raise UserError(f"{where}: checkpoint lacks {len(missing)} trainable tensors ({experts} of them expert "
+                        f"LoRA), first {missing[0]}; it cannot resume this run")
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise UserError(f"{where}: checkpoint holds tensors this model does not have, first "
+                        f"{result.unexpected_keys[0]}; it cannot resume this run")
+
+
 class RunDir:
     """Paths and writes of one run's output folder."""
 
@@ -105,9 +119,14 @@ class RunDir:
         return tag
 
     def load_checkpoint(self, engine, tag: str) -> dict:
-        path, client_state = engine.load_checkpoint(str(self.checkpoints_dir), tag=tag, load_module_strict=False)
+        """Load ``tag`` into ``engine``; every trainable tensor must be in it (UserError naming the first
+        missing one): frozen weights are not saved, so DeepSpeed's non-strict load would silently keep
+        freshly initialised LoRA for any key a checkpoint lacks."""
+        where = self.checkpoints_dir / tag
+        path, client_state = engine.load_checkpoint(str(self.checkpoints_dir), tag=tag,
+                                                    custom_load_fn=lambda src, dst: load_trainable(src, dst, where))
         if path is None:
-            raise UserError(f"{self.checkpoints_dir / tag}: cannot load checkpoint")
+            raise UserError(f"{where}: cannot load checkpoint")
         return client_state or {}
 
     def _prune(self, keep: str) -> None:

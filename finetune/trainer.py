@@ -31,6 +31,7 @@ from ossforge.errors import UserError, where
 from ossforge.finetune.host_memory import reuse_freed_memory
 from ossforge.finetune.lora import apply_lora, check_init_adapter, load_init_adapter, peft_config, summarize
 from ossforge.finetune.expert_parallel import apply_expert_parallel, ep_independent, optimizer_param_groups
+from ossforge.finetune.grad_clip import clip_gradients, we_clip
 from ossforge.finetune.plan import check_topology
 from ossforge.finetune.run_dir import RunDir, save_adapter, unwrap
 from ossforge.model.tokenizer import PAD
@@ -210,6 +211,9 @@ def deepspeed_config(config, dtype: torch.dtype, config_path) -> dict:
             raise UserError(f"{where(config_path, 'deepspeed.' + key)}: {ds[key]} contradicts {ours}={value} "
                             f"(set it under training:)")
         ds[key] = value
+    zero_stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
+    if zero_stage == 0:
+        ds["gradient_clipping"] = 0.0  # train_step clips (finetune/grad_clip.py): DeepSpeed's ZeRO-0 norm is not EP=1's
     world = int(os.environ.get("WORLD_SIZE", 1))
     if "train_batch_size" in ds and ds["train_batch_size"] != t.micro_batch_size * t.grad_accum * world:
         raise UserError(f"{where(config_path, 'deepspeed.train_batch_size')}: {ds['train_batch_size']} != "
@@ -218,6 +222,8 @@ def deepspeed_config(config, dtype: torch.dtype, config_path) -> dict:
     zero.setdefault("stage", 0)
     if dtype == torch.bfloat16:
         ds.setdefault("bf16", {"enabled": True})
+        if zero["stage"] in (1, 2):  # accumulate micro-batch gradients in fp32 (ZeRO-0 bf16 cannot in 0.19.8)
+            ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     if zero["stage"] > 0 and "optimizer" not in ds:
         ds.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW under ZeRO
     ds.setdefault("steps_per_print", 10**9)
@@ -279,20 +285,30 @@ def compute_loss(model, batch: dict, aux_coef: float = 0.0):
     return loss
 
 
-def train_step(engine, batches: Batches, step: int, config, device, load) -> tuple[float, int]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, tokens seen)."""
-    accum = config.training.grad_accum
+def train_step(engine, batches: Batches, step: int, config, device, load) -> tuple[torch.Tensor, int]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, tokens seen).
+
+    The loss stays a device tensor (read at logging time) and tokens are counted on the host from
+    the examples: the step itself never waits for the device. The gradient norm before clipping is
+    left in ``engine.ossforge_grad_norm`` (a device tensor, or DeepSpeed's at ZeRO-1/2).
+    """
+    accum, t = config.training.grad_accum, config.training
     losses, tokens = [], 0
     for a in range(accum):
-        batch = batches.get(step * accum + a, device)
+        m = step * accum + a
+        batch = batches.get(m, device)
         load.active = batch["attention_mask"]
-        loss = compute_loss(engine, batch, config.training.router_aux_loss_coef)
+        loss = compute_loss(engine, batch, t.router_aux_loss_coef)
         load.active = None
         engine.backward(loss)
-        engine.step()  # DeepSpeed applies the update (clip, optimizer, LR schedule) on the last micro-batch
-        losses.append(loss.item())
-        tokens += int(batch["attention_mask"].sum())
-    return sum(losses) / len(losses), tokens
+        if a == accum - 1 and we_clip(engine):  # gradients are all-reduced now: clip by the EP=1 norm
+            engine.ossforge_grad_norm = clip_gradients(engine, t.max_grad_norm)
+        engine.step()  # DeepSpeed applies the update (optimizer, LR schedule; ZeRO-1/2 clip) on the last micro-batch
+        if not we_clip(engine):
+            engine.ossforge_grad_norm = engine.get_global_grad_norm()
+        losses.append(loss.detach())
+        tokens += sum(len(batches.examples[i]["input_ids"]) for i in batches.indices(m))
+    return torch.stack(losses).float().mean(), tokens
 
 
 @torch.no_grad()
@@ -311,7 +327,11 @@ def evaluate_loss(model, examples: list[dict], micro_batch_size: int, device) ->
 
 
 class ExpertLoad:
-    """Tokens routed to each expert of each layer since the last read (forward hooks on the routers)."""
+    """Tokens routed to each expert of each layer since the last read (forward hooks on the routers).
+
+    Counts stay on the device (no sync in the forward); :meth:`read`, once per logged step, sums them
+    over all ranks (every rank routes its own tokens; at EP>1 the router is replicated) and reads them.
+    """
 
     def __init__(self, model):
         self.active = None  # attention mask of the batch being counted; None: not counting
@@ -325,23 +345,30 @@ class ExpertLoad:
         def hook(module, inputs, output):
             if self.active is None:
                 return  # eval, or recomputation under gradient checkpointing
-            indices = output[2].detach()
-            mask = self.active.reshape(-1).bool()
+            indices = output[2].detach()  # [T, k]
+            weight = torch.ones(indices.shape, dtype=torch.float32, device=indices.device)
+            mask = self.active.reshape(-1)
             if indices.shape[0] == mask.numel():
-                indices = indices[mask]
-            counts = torch.bincount(indices.reshape(-1).cpu(), minlength=num_experts)
-            self.counts[layer] = self.counts.get(layer, 0) + counts
+                weight = weight * mask.to(weight.dtype).unsqueeze(1)  # padding routes but is not counted
+            if layer not in self.counts:
+                self.counts[layer] = torch.zeros(num_experts, dtype=torch.float32, device=indices.device)
+            self.counts[layer].index_add_(0, indices.reshape(-1), weight.reshape(-1))  # bincount syncs on CUDA
 
         return hook
 
     def read(self) -> list[list[float]]:
         """Per layer, each expert's share of the routed token slots (1/E each when balanced)."""
-        out = []
-        for layer in sorted(self.counts):
-            c = self.counts[layer].double()
-            out.append([round(x, 4) for x in (c / c.sum().clamp(min=1)).tolist()])
+        import torch.distributed as dist
+
+        if not self.counts:
+            return []
+        layers = sorted(self.counts)
+        counts = torch.stack([self.counts[layer] for layer in layers])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)  # a collective: every rank reads at the same logged steps
+        shares = (counts.double() / counts.double().sum(1, keepdim=True).clamp(min=1)).tolist()
         self.counts = {}
-        return out
+        return [[round(x, 4) for x in row] for row in shares]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -514,19 +541,24 @@ def _loop(config, run, engine, data, batches, load, device, step, resume_tag, fl
     start_step = step
     while step < t.max_steps:
         lr = engine.get_lr()[0]
-        loss, tokens = train_step(engine, batches, step, config, device, load)
+        loss, tokens = train_step(engine, batches, step, config, device, load)  # loss: a device tensor
         step += 1
         window.append(loss)
         window_tokens += tokens
-        result.losses.append(loss)
-        elapsed = time.perf_counter() - window_start
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / max(elapsed / len(window), 1e-9):.0f}")
         bar.update(1)
         record = None
         if step % t.log_every == 0 or step == t.max_steps:
-            record = {"step": step, "loss": round(sum(window) / len(window), 6), "lr": lr,
+            elapsed = time.perf_counter() - window_start
+            losses = torch.stack(window).tolist()  # the step's one read of the device, at logging time
+            result.losses += losses
+            mean = sum(losses) / len(losses)
+            bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{window_tokens / max(elapsed, 1e-9):.0f}")
+            record = {"step": step, "loss": round(mean, 6), "lr": lr,
                       "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1), "tokens": window_tokens,
                       "expert_load": load.read()}
+            norm = getattr(engine, "ossforge_grad_norm", None)
+            if norm is not None:
+                record["grad_norm"] = round(float(norm), 6)  # before clipping
             window, window_tokens, window_start = [], 0, time.perf_counter()
         if data.eval and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
             record = record or {"step": step}
@@ -547,6 +579,8 @@ def _loop(config, run, engine, data, batches, load, device, step, resume_tag, fl
             result.interrupted = True
             break
     bar.close()
+    if window:  # stopped between logged steps
+        result.losses += torch.stack(window).tolist()
     result.steps = step
     if writer is not None:
         writer.close()
