@@ -105,8 +105,8 @@ def expert_load_figure(records: list[dict]):
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.5 + 0.08 * layers))
     im = ax1.imshow(mean * experts, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
-    for axis in (ax1.xaxis, ax1.yaxis):
-        axis.set_major_locator(MaxNLocator(MAX_TICKS, integer=True))
+    ax1.xaxis.set_major_locator(MaxNLocator(MAX_TICKS // 2, integer=True))  # 3-digit labels need room
+    ax1.yaxis.set_major_locator(MaxNLocator(MAX_TICKS, integer=True))
     ax1.set_xlabel(f"expert (of {experts})")
     ax1.set_ylabel(f"layer (of {layers})")
     ax1.set_title("expert load / balanced (mean over run)")
