@@ -282,11 +282,12 @@ def _report_retention(info: dict) -> None:
     survived = [kept[k] for k in ("weight_retained_along_delta", "logit_shift_retained") if kept.get(k) is not None]
     worst = min(survived) if survived else 1.0
     if worst < MIN_RETAINED or (error is not None and error > 1.0):
-        what = (f"only {100 * worst:.0f}% of the adapter's effect survives" if worst < MIN_RETAINED else
-                f"re-quantisation changes the experts {error:.1f}x as much as the adapter does")
-        print(f"warning: {what} MXFP4 re-quantisation (LoRA deltas below half an FP4 step round back to the "
-              f"base); keep bf16 experts (merge without --mxfp4) or serve the adapter unmerged "
-              f"(vLLM --enable-lora)", flush=True)
+        what = (f"only {100 * worst:.0f}% of the adapter's effect survives MXFP4 re-quantisation"
+                if worst < MIN_RETAINED else
+                f"MXFP4 re-quantisation changes the experts {error:.1f}x as much as the adapter does")
+        print(f"warning: {what} (deltas below half an FP4 step round back to the base; a block whose largest "
+              f"value grows past 6x its scale is re-rounded on a grid twice as coarse); keep bf16 experts "
+              f"(merge without --mxfp4) or serve the adapter unmerged (vLLM --enable-lora)", flush=True)
 
 
 def read_adapter_config(adapter: Path) -> dict:
