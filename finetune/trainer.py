@@ -496,7 +496,7 @@ def _loop(config, run, engine, data, batches, load, device, step, resume_tag, fl
             peaks = gather_peaks(device)
             if record:
                 record.update(peaks.record())
-            if step == start_step + 1:
+            if step == start_step + 1 and rank0:
                 bar.write(f"after step {step}: {peaks.line()}")
         if data.eval and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
             record = record or {"step": step}
