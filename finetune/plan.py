@@ -1,21 +1,36 @@
-"""Estimate per-GPU memory and the EP x DP layout of a config, before anything is allocated.
+"""Estimate per-rank memory and the EP x DP layout of a config, before anything is allocated.
 
-Pure arithmetic over the architecture (preset or the checkpoint's config.json) and the config:
+Arithmetic over the architecture (preset or the checkpoint's config.json) and the config, modelling what
+the trainer actually runs:
 
-  weights      frozen base: expert shard (experts / EP) + replicated non-expert params
-  lora         trainable LoRA params (expert LoRA sharded like the experts)
-  optimizer    Adam: fp32 master + two moments (ZeRO>=1 divides them over the DP group)
+  weights      frozen base: expert shard (experts / EP) + replicated non-expert params; MXFP4 experts
+               (``model.expert_format: mxfp4``) at 4.25 bits per parameter
+  load peak    what a rank holds while loading: all experts when the loader materialises them before
+               expert parallelism drops the others, its own experts with the rank-sharded loader
+               (``ossforge.model.local_experts``); a preset written to ``base/`` adds its serialised shard
+  lora         trainable LoRA params on this rank (expert LoRA sharded like the experts), and in total
+  optimizer    AdamW: two fp32 moments (+ an fp32 master copy for bf16 weights), ZeRO>=1 divides them
+               over the DP group; ``offload_optimizer`` moves them to host memory
   gradients    one gradient per LoRA param (ZeRO>=2 divides them)
-  activations  at training.micro_batch_size x training.seq_len, with or without
-               training.gradient_checkpointing; memory-efficient attention (no seq^2 term);
-               the logits over the 201k vocabulary (~16 bytes per token and vocab entry: logits,
-               fp32 upcast, log-softmax, gradient), an upper bound when few tokens carry a loss
-  overhead     CUDA context, NCCL buffers, allocator slack (a fixed allowance)
+  activations  at training.micro_batch_size x training.seq_len: saved tensors per layer (all layers,
+               or the layer inputs plus one recomputed layer under gradient checkpointing), plus the
+               attention implementation in use (``training.attention``; auto = flex on CUDA, eager on
+               CPU): eager keeps one B x heads x S x (S+1) softmax per layer and ~3 more while a
+               layer's forward/backward runs (transformers 5.24 ``eager_attention_forward``: scores,
+               masked scores, concat with the sinks, softmax in the compute dtype); flex is linear in S.
+               The LM head computes logits only for trained tokens (the trained fraction is read from
+               the data file when it exists); ``training.loss`` chunked/liger keeps one chunk of them.
+  overhead     GPU: CUDA context, NCCL buffers, allocator slack (a fixed allowance). CPU: the process
+               (python, torch, transformers, deepspeed, the harmony vocabulary) and the glibc heap that
+               ``finetune/host_memory.py`` keeps (freed blocks are reused, never returned), measured.
 
+``--device cpu`` plans a CPU run (fp32, eager attention): per-rank host RSS, compared with the
+``peak_host_gib`` that training writes to metrics.jsonl in BENCHMARKS.md.
 World size = --gpus (default: parallel.expert_parallel_size); DP = world / EP.
 Examples:
   ossforge plan configs/medicine-120b-8xh100.yaml --gpus 8 --gpu-mem-gib 80
   ossforge plan configs/medicine-120b-2x8xh100.yaml --gpus 16 --json
+  ossforge plan configs/medicine-tiny.yaml --device cpu
 """
 
 from __future__ import annotations
@@ -29,6 +44,16 @@ from ossforge.errors import UserError
 
 GIB = 1024**3
 OVERHEAD_GIB = 2.0  # CUDA context + NCCL + allocator fragmentation, per GPU
+# A CPU rank before the model: python + torch + transformers + peft + deepspeed + the harmony vocabulary
+# (measured: VmRSS 0.59 GiB after imports and data rendering, torch 2.13 CPU, 2026-12-02).
+CPU_PROCESS_GIB = 0.6
+DEFAULT_TRAINED_FRACTION = 0.5  # without a data file: half the tokens carry a loss (chat data: 0.2-0.5)
+LOSS_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk of the chunked loss (finetune/loss.py)
+EAGER_TRANSIENT_SCORES = 3  # score-sized temporaries live while one layer's eager attention runs
+HEAP_KEEP_GIB = 1.5  # glibc M_TRIM_THRESHOLD (1 GiB) + M_TOP_PAD (0.5 GiB) set by finetune/host_memory.py
+# A rank started by the DeepSpeed launcher (gloo process groups for EP / expert-DP, DeepSpeed's shm
+# comm op) over a single process: measured 0.23-0.34 GiB at 512 tokens, 2 CPU ranks.
+CPU_LAUNCHED_RANK_GIB = 0.3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="world size: GPUs over all nodes (default: parallel.expert_parallel_size)")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, metavar="M",
                    help="memory of one GPU in GiB (default 80, an H100)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="plan a GPU run (per-GPU memory, default) or a CPU run (per-rank host RSS)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
 
@@ -105,8 +132,19 @@ class Plan:
     zero_stage: int
     all_to_all_gib_per_step: float
     notes: list[str] = field(default_factory=list)
+    device: str = "cuda"
+    attention: str = "eager"
+    loss: str = "full"
     expert_format: str = "bf16"
-    host_optimizer_gib: float = 0.0
+    trained_fraction: float = DEFAULT_TRAINED_FRACTION
+    trained_fraction_source: str = ""
+    logit_tokens: int = 0
+    attention_scores_gib: float = 0.0
+    logits_gib: float = 0.0
+    load_peak_gib: float = 0.0
+    host_gib_per_rank: float = 0.0
+    optimizer_offload: bool = False
+    host_optimizer_gib: float = 0.0  # ZeRO-Offload: optimizer state and fp32 gradients in host memory
 
 
 def arch_of(config, config_path) -> tuple[str, Arch]:
@@ -134,12 +172,6 @@ def check_topology(config, world_size: int, config_path, world_field: str = "--g
     if world_size % ep:
         raise UserError(f"{config_path}: parallel.expert_parallel_size: {ep} does not divide the world size "
                         f"{world_size} ({world_field})")
-    stage = int((config.deepspeed.get("zero_optimization") or {}).get("stage", 0))
-    if ep > 1 and stage > 0:
-        # ZeRO-1/2 keep expert shards in per-rank flat fp32 partitions whose checkpoints neither load at
-        # another EP size nor convert with zero_to_fp32; ZeRO-3 partitions the experts themselves.
-        raise UserError(f"{config_path}: deepspeed.zero_optimization.stage: ZeRO-{stage} is not supported with "
-                        f"parallel.expert_parallel_size {ep}; use stage 0 with expert parallelism")
     return ep, world_size // ep
 
 
@@ -155,74 +187,169 @@ def _lora_params(config, arch: Arch, ep: int) -> tuple[int, int]:
     return attn + experts // ep, attn + experts
 
 
-def _activation_bytes(config, arch: Arch, ep: int, param_bytes: int) -> float:
-    """Saved activations for one micro-batch (forward kept for backward)."""
-    t = config.training.micro_batch_size * config.training.seq_len
-    h, i, k, a = arch.hidden, arch.intermediate, arch.top_k, param_bytes
+def attention_in_use(config, device: str) -> str:
+    """``training.attention`` resolved as the trainer does: auto = flex on CUDA, eager on CPU.
+
+    Read with a default, so the planner also works where the key does not exist (eager everywhere then).
+    """
+    choice = getattr(config.training, "attention", None)
+    if choice is None:
+        return "eager"
+    if choice == "auto":
+        return "flex" if device == "cuda" else "eager"
+    return choice
+
+
+def loss_in_use(config, device: str) -> str:
+    """``training.loss`` resolved: auto = liger on CUDA, chunked elsewhere; absent key = full logits."""
+    choice = getattr(config.training, "loss", None)
+    if choice is None:
+        return "full"
+    if choice == "auto":
+        return "liger" if device == "cuda" else "chunked"
+    return choice
+
+
+def expert_format_in_use(config, device: str) -> str:
+    """``model.expert_format``: auto = mxfp4 when the folder stores MXFP4 experts and training runs on CUDA."""
+    choice = getattr(config.model, "expert_format", "bf16")
+    if choice != "auto":
+        return choice
+    if device != "cuda" or not config.model.path:
+        return "bf16"
+    try:
+        quant = json.loads((Path(config.model.path) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return "bf16"
+    return "mxfp4" if quant.get("quant_method") == "mxfp4" else "bf16"
+
+
+def trained_fraction(config) -> tuple[float, str]:
+    """(fraction of a micro-batch's tokens that get logits, where it comes from).
+
+    From the data file when it exists: the densest example (trained tokens / seq_len), since the peak
+    is set by the densest micro-batch of the run. Otherwise ``DEFAULT_TRAINED_FRACTION``.
+    """
+    path = Path(config.data.train)
+    if path.is_file():
+        from ossforge.finetune.data import build_examples
+
+        try:
+            examples, _ = build_examples(path, config.training.seq_len, drop_analysis=config.data.drop_analysis,
+                                         packing=config.data.packing)
+        except UserError:
+            pass  # a broken data file is `ossforge data check`'s business; plan with the default
+        else:
+            densest = max(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
+            return densest / config.training.seq_len, f"densest example of {path.name}"
+    return DEFAULT_TRAINED_FRACTION, "assumed (no data file)"
+
+
+def _activation_bytes(config, arch: Arch, ep: int, act: int, attention: str, loss: str,
+                      fraction: float) -> dict[str, float]:
+    """Activation bytes at the step's peak, by term: layers, attention scores, logits."""
+    t = config.training
+    tokens = t.micro_batch_size * t.seq_len
+    h, i, k = arch.hidden, arch.intermediate, arch.top_k
     qkv = (arch.heads + 2 * arch.kv_heads) * arch.head_dim
-    attn = (2 * h + qkv + arch.heads * arch.head_dim + h) * a + arch.heads * 4  # + softmax lse (fp32)
-    moe = h * a + arch.experts * 4 + k * (h + 2 * i + i + h + 2 * config.lora.r) * a
+    attn = (2 * h + qkv + arch.heads * arch.head_dim + h) * act + arch.heads * 4  # + softmax lse (fp32)
+    moe = h * act + arch.experts * 4 + k * (h + 2 * i + i + h + 2 * config.lora.r) * act
     if ep > 1:
-        moe += 2 * k * h * a  # all-to-all send/receive buffers
-    per_layer_per_token = attn + moe
-    if config.training.gradient_checkpointing:
-        layers = arch.layers * h * a + per_layer_per_token  # layer inputs + one layer recomputed
+        moe += 2 * k * h * act  # all-to-all send/receive buffers
+    per_layer = tokens * (attn + moe)
+    # eager: softmax over [scores | sink] per layer, B x heads x S x (S+1) in the compute dtype
+    scores = t.micro_batch_size * arch.heads * t.seq_len * (t.seq_len + 1) * act if attention == "eager" else 0
+    if t.gradient_checkpointing:
+        layers = arch.layers * tokens * h * act + per_layer  # layer inputs + one layer recomputed
+        saved_scores = scores  # the recomputed layer's softmax
     else:
-        layers = arch.layers * per_layer_per_token
-    # logits, their fp32 upcast and log-softmax, gradients: ~4 fp32 copies (measured on CPU, 1 x 2048 tokens)
-    logits = arch.vocab * 16
-    return t * (layers + logits)
+        layers = arch.layers * per_layer
+        saved_scores = arch.layers * scores
+    # logits for trained tokens only: fp32 log-softmax (saved), its gradient and the logits' gradient
+    # (12 bytes per entry; +2 for the bf16 copy of that gradient); chunked/liger: one chunk of them.
+    entry = 12 + (2 if act == 2 else 0)
+    kept = fraction * tokens
+    if loss in ("chunked", "liger"):
+        kept = min(kept, max(16, LOSS_CHUNK_BYTES // (4 * arch.vocab)))
+    logits = kept * arch.vocab * entry
+    # Peak: saved tensors of every layer, plus whichever is larger: the logits (start of backward) or
+    # the temporaries of one layer's attention (during its forward/backward, logits already freed).
+    transient = max(logits, EAGER_TRANSIENT_SCORES * scores)
+    return {"layers": layers, "scores": saved_scores, "logits": logits, "transient": transient,
+            "total": layers + saved_scores + transient, "logit_tokens": kept,
+            "score_temporaries": arch.layers * EAGER_TRANSIENT_SCORES * scores}
 
 
-def plan_expert_format(config) -> str:
-    """``model.expert_format`` as a GPU run resolves it (auto: mxfp4 when the folder stores MXFP4 experts)."""
-    fmt = getattr(config.model, "expert_format", "bf16")
-    if fmt == "auto":
-        from ossforge.model.checkpoint import stores_mxfp4_experts
+def _loads_local_experts_only() -> bool:
+    """True when the rank-sharded loader is present (each rank materialises only its own experts)."""
+    import importlib.util
 
-        fmt = "mxfp4" if config.model.path and stores_mxfp4_experts(config.model.path) else "bf16"
-    return fmt
+    return importlib.util.find_spec("ossforge.model.local_experts") is not None
 
 
-def _offloads_optimizer(config) -> bool:
-    offload = (config.deepspeed.get("zero_optimization") or {}).get("offload_optimizer") or {}
-    return offload.get("device") in ("cpu", "nvme")
-
-
-def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float = 80.0) -> Plan:
+def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float = 80.0,
+              device: str = "cuda") -> Plan:
     ep = config.parallel.expert_parallel_size
     world = gpus if gpus is not None else ep
     ep, dp = check_topology(config, world, config_path, "--gpus")
     name, arch = arch_of(config, config_path)
     notes = []
 
-    param_bytes = 4 if config.model.dtype == "fp32" else 2  # auto: bf16 on GPU
+    if config.model.dtype == "auto":
+        param_bytes = 2 if device == "cuda" else 4  # as resolve_dtype: bf16 on GPU, fp32 on CPU
+    else:
+        param_bytes = 4 if config.model.dtype == "fp32" else 2
+    attention, loss = attention_in_use(config, device), loss_in_use(config, device)
+    expert_format = expert_format_in_use(config, device)
+    fraction, fraction_source = trained_fraction(config)
+
     experts_total = arch.layers * arch.expert_params_per_layer()
     dense = arch.dense_params()
-    from ossforge.model.mxfp4 import expert_bytes
+    from ossforge.model.mxfp4 import expert_bytes as expert_weight_bytes
 
-    fmt = plan_expert_format(config)
-    w_expert = expert_bytes(experts_total / ep, fmt, param_bytes)
+    expert_bytes = expert_weight_bytes(1, expert_format, param_bytes)  # per expert parameter
+    w_expert = experts_total / ep * expert_bytes
     w_dense = dense * param_bytes
-    mxfp4 = (expert_bytes(experts_total / ep, "mxfp4") + dense * 2) / GIB
+    mxfp4 = (expert_weight_bytes(experts_total / ep, "mxfp4") + dense * 2) / GIB
 
     lora_gpu, lora_total = _lora_params(config, arch, ep)
-    stage = int((config.deepspeed.get("zero_optimization") or {}).get("stage", 0))
+    zero = config.deepspeed.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
     if stage >= 3:
         notes.append("ZeRO-3 is not combined with expert parallelism here; estimated as ZeRO-2")
     # Dense LoRA is data-parallel over the world, expert LoRA over the expert-DP group: use the
     # smaller group (expert DP) so the estimate errs high.
     shard = dp if stage >= 1 else 1
     lora_b = lora_gpu * param_bytes
-    optimizer_b = lora_gpu * 12 / shard  # fp32 master + Adam m + v
+    optimizer_b = lora_gpu * (8 + (4 if param_bytes == 2 else 0)) / shard  # Adam m + v (+ fp32 master)
     grads_b = lora_gpu * (param_bytes + (4 if param_bytes == 2 else 0)) / (dp if stage >= 2 else 1)
-    act_b = _activation_bytes(config, arch, ep, param_bytes)
+    acts = _activation_bytes(config, arch, ep, param_bytes, attention, loss, fraction)
+    act_b = acts["total"]
 
-    # ZeRO-Offload (deepspeed.zero_optimization.offload_optimizer: cpu): fp32 master, moments and fp32 grads on the host.
-    host_b = optimizer_b + lora_gpu * 4 if _offloads_optimizer(config) else 0.0
-    if host_b:
-        optimizer_b, grads_b = 0.0, lora_gpu * param_bytes
-    per_gpu = (w_expert + w_dense + lora_b + optimizer_b + grads_b + act_b) / GIB + OVERHEAD_GIB
+    # Load-time peak on the rank's device: all experts when the loader reads them before expert
+    # parallelism drops the others; rank 0 of a preset also holds the serialised base/ it writes.
+    experts_loaded = experts_total / ep if _loads_local_experts_only() and ep > 1 else experts_total
+    load_b = experts_loaded * expert_bytes + w_dense
+    if config.model.preset and device == "cpu":
+        load_b += min(experts_total * param_bytes + w_dense, 5 * GIB)  # safetensors bytes of one base/ shard
+
+    optimizer_device = 0.0 if offload else optimizer_b
+    # ZeRO-Offload keeps the fp32 master, both moments and fp32 gradients on the host; the device keeps
+    # only the gradients in the compute dtype.
+    host_optimizer_b = optimizer_b + lora_gpu * 4 / (dp if stage >= 2 else 1) if offload else 0.0
+    if offload:
+        grads_b = lora_gpu * param_bytes / (dp if stage >= 2 else 1)
+    train_b = w_expert + w_dense + lora_b + optimizer_device + grads_b + act_b
+    overhead_gib = OVERHEAD_GIB
+    if device == "cpu":
+        overhead_gib = CPU_PROCESS_GIB + cpu_heap_slack_gib(acts) + (CPU_LAUNCHED_RANK_GIB if world > 1 else 0.0)
+    per_gpu = max(train_b, load_b) / GIB + overhead_gib
+    host = CPU_PROCESS_GIB + host_optimizer_b / GIB
+    if device == "cpu":
+        host = per_gpu
+    elif config.model.preset and not _loads_local_experts_only():
+        host += (experts_total + dense) * 4 / GIB  # presets are initialised in fp32 on the host first
     # Per rank and optimizer step: dispatch + combine in forward, both again in backward (and once
     # more in the recomputed forward under checkpointing); (ep-1)/ep of the routed rows leave the rank.
     t = config.training.micro_batch_size * config.training.seq_len
@@ -230,8 +357,12 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
     a2a = passes * t * arch.top_k * arch.hidden * param_bytes * (ep - 1) / ep * arch.layers * config.training.grad_accum
     if not config.training.gradient_checkpointing and config.training.seq_len >= 4096:
         notes.append("seq_len >= 4096 without training.gradient_checkpointing: consider enabling it")
+    if attention == "eager" and acts["transient"] > acts["logits"] and device == "cuda":
+        notes.append("eager attention's S^2 scores dominate: training.attention: flex makes them linear in S")
+    if load_b > train_b:
+        notes.append("the load-time peak (all experts before expert parallelism drops them) sets the total")
     fits = per_gpu <= gpu_mem_gib
-    if not fits and fmt != "mxfp4" and ep < arch.experts and mxfp4 < gpu_mem_gib:
+    if not fits and ep < arch.experts and mxfp4 < gpu_mem_gib and expert_format != "mxfp4":
         notes.append("does not fit in bf16; more expert parallelism or MXFP4 base weights would shrink it")
     return Plan(
         model=name, gpus=world, ep=ep, dp=dp, expert_dp=dp, gpu_mem_gib=gpu_mem_gib,
@@ -241,31 +372,53 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
         weights_mxfp4_gib=round(mxfp4, 2),
         lora_params_per_gpu=lora_gpu, lora_params_total=lora_total, lora_gib=round(lora_b / GIB, 3),
         optimizer_gib=round(optimizer_b / GIB, 3), gradients_gib=round(grads_b / GIB, 3),
-        activations_gib=round(act_b / GIB, 2), overhead_gib=OVERHEAD_GIB,
+        activations_gib=round(act_b / GIB, 2), overhead_gib=round(overhead_gib, 2),
         per_gpu_gib=round(per_gpu, 2), fits=fits, zero_stage=stage,
         all_to_all_gib_per_step=round(a2a / GIB, 3), notes=notes,
-        expert_format=fmt, host_optimizer_gib=round(host_b / GIB, 2),
+        device=device, attention=attention, loss=loss, expert_format=expert_format,
+        trained_fraction=round(fraction, 4), trained_fraction_source=fraction_source,
+        logit_tokens=int(acts["logit_tokens"]), attention_scores_gib=round(acts["scores"] / GIB, 3),
+        logits_gib=round(acts["logits"] / GIB, 3), load_peak_gib=round(load_b / GIB + overhead_gib, 2),
+        host_gib_per_rank=round(host, 2), optimizer_offload=offload,
+        host_optimizer_gib=round(host_optimizer_b / GIB, 2),
     )
+
+
+def cpu_heap_slack_gib(acts: dict) -> float:
+    """Heap a CPU rank keeps beyond its live tensors, with the glibc settings of ``finetune/host_memory.py``.
+
+    No block is mmap'd and freed heap is kept up to the trim threshold (1 GiB) plus the top pad (0.5
+    GiB), so the score-sized temporaries of eager attention (3 per layer, allocated and freed in every
+    forward, recomputation and backward) leave holes the heap never returns. Measured: 2048-token step
+    with checkpointing, 2.44 GiB peak RSS without those settings (live estimate 2.61), 4.00 GiB with.
+    """
+    return min(HEAP_KEEP_GIB, acts["score_temporaries"] / GIB)
 
 
 def format_plan(p: Plan, config) -> str:
     tr = config.training
     verdict = "FITS" if p.fits else "DOES NOT FIT"
+    unit = "GPU" if p.device == "cuda" else "CPU rank (host RSS)"
+    experts = f"experts {p.weights_expert_gib:.2f}" + (" MXFP4" if p.expert_format == "mxfp4" else "")
     lines = [
-        f"model {p.model}: {p.total_params / 1e9:.2f}B params; layout {p.gpus} GPU(s) = EP {p.ep} x DP {p.dp} "
+        f"model {p.model}: {p.total_params / 1e9:.2f}B params; layout {p.gpus} rank(s) = EP {p.ep} x DP {p.dp} "
         f"(expert-DP {p.expert_dp}), ZeRO stage {p.zero_stage}",
-        f"per GPU ({tr.micro_batch_size} x {tr.seq_len} tokens, checkpointing "
-        f"{'on' if tr.gradient_checkpointing else 'off'}):",
-        f"  weights      {p.weights_gib:8.2f} GiB  ({p.expert_format} experts {p.weights_expert_gib:.2f} + non-expert "
+        f"per {unit} ({tr.micro_batch_size} x {tr.seq_len} tokens, checkpointing "
+        f"{'on' if tr.gradient_checkpointing else 'off'}, attention {p.attention}, loss {p.loss}; "
+        f"trained fraction {p.trained_fraction:.2f}, {p.trained_fraction_source}):",
+        f"  weights      {p.weights_gib:8.2f} GiB  ({experts} + non-expert "
         f"{p.weights_dense_gib:.2f}; MXFP4 experts would be {p.weights_mxfp4_gib:.2f})",
-        f"  lora         {p.lora_gib:8.3f} GiB  ({p.lora_params_per_gpu / 1e6:.1f}M of "
-        f"{p.lora_params_total / 1e6:.1f}M params on this GPU)",
-        f"  optimizer    {p.optimizer_gib:8.3f} GiB"
-        + (f"  (offloaded: {p.host_optimizer_gib:.2f} GiB of host memory per rank)" if p.host_optimizer_gib else ""),
+        f"  lora         {p.lora_gib:8.3f} GiB  ({p.lora_params_per_gpu / 1e6:.1f}M params on this rank, "
+        f"{p.lora_params_total / 1e6:.1f}M in total across the EP ranks)",
+        f"  optimizer    {p.optimizer_gib:8.3f} GiB" + (f"  (offloaded: {p.host_optimizer_gib:.2f} GiB of host memory per rank)"
+                                                    if p.optimizer_offload else ""),
         f"  gradients    {p.gradients_gib:8.3f} GiB",
-        f"  activations  {p.activations_gib:8.2f} GiB",
+        f"  activations  {p.activations_gib:8.2f} GiB  (attention scores kept {p.attention_scores_gib:.2f}, "
+        f"logits of {p.logit_tokens} tokens {p.logits_gib:.2f})",
         f"  overhead     {p.overhead_gib:8.2f} GiB",
-        f"  total        {p.per_gpu_gib:8.2f} GiB of {p.gpu_mem_gib:g} -> {verdict}",
+        f"  total        {p.per_gpu_gib:8.2f} GiB of {p.gpu_mem_gib:g} -> {verdict}  "
+        f"(load-time peak {p.load_peak_gib:.2f})",
+        f"host memory per rank: {p.host_gib_per_rank:.2f} GiB",
         f"all-to-all per rank and optimizer step: {p.all_to_all_gib_per_step:.2f} GiB",
     ]
     lines += [f"note: {n}" for n in p.notes]
@@ -278,6 +431,6 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, check_files=False)
     if args.gpu_mem_gib <= 0:
         raise UserError(f"{args.config}: --gpu-mem-gib: must be > 0")
-    plan = make_plan(config, args.config, args.gpus, args.gpu_mem_gib)
+    plan = make_plan(config, args.config, args.gpus, args.gpu_mem_gib, device=args.device)
     print(json.dumps(asdict(plan)) if args.json else format_plan(plan, config))
     return 0

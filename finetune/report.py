@@ -9,7 +9,8 @@ expert's share of the routed token slots) and ``eval.json`` when ``ossforge eval
 - ``loss.png`` (the run folder's loss curve, also via ``RunDir.plot_loss``): training loss (and
   eval loss) per step, learning rate on a second axis;
 - ``expert_load.png``: heatmap of expert load per layer over the run, and per layer the busiest
-  expert's load relative to a perfectly balanced router (1.0) at each logged step;
+  expert's load relative to a perfectly balanced router (1.0) at each logged step (lines for a
+  few layers, a layers x steps heatmap at 24 or 36 layers; at most 16 labelled ticks per axis);
 - ``eval.png`` (written by ``ossforge eval``): accuracy and tokens per reasoning effort.
 
 The trainer calls ``write_report`` at the end of a run. Every file is written atomically; missing
@@ -80,36 +81,58 @@ def expert_load(records: list[dict]) -> tuple[list[int], list[list[float]]]:
     return steps, loads
 
 
-def plot_expert_load(records: list[dict], path: Path) -> Optional[Path]:
+MAX_TICKS = 16  # labelled ticks per axis: 128 experts or 36 layers stay readable
+MAX_LINES = 8  # layers drawn as lines (with a legend); more become a layers x steps heatmap
+
+
+def expert_load_figure(records: list[dict]):
+    """The ``expert_load.png`` figure, or None without (consistent) expert-load records.
+
+    Left: share of routed tokens per layer and expert (mean over the run). Right: per layer, the
+    busiest expert's load relative to a balanced router (1.0) at each logged step: one line per layer
+    up to ``MAX_LINES`` layers, a layers x steps heatmap beyond (36 lines have no readable legend).
+    """
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     steps, loads = expert_load(records)
-    if not loads:
-        return None
-    shapes = {(len(x), len(x[0])) for x in loads}
-    if len(shapes) != 1:
+    if not loads or len({(len(x), len(x[0])) for x in loads}) != 1:
         return None
     arr = np.asarray(loads, dtype=float)  # [records, layers, experts]
+    _, layers, experts = arr.shape
     mean = arr.mean(axis=0)
-    experts = arr.shape[2]
+    busiest = arr.max(axis=2) * experts  # [records, layers]
     plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2 + 0.15 * arr.shape[1]))
-    im = ax1.imshow(mean, aspect="auto", cmap="viridis", vmin=0)
-    ax1.set_xticks(range(experts))
-    ax1.set_yticks(range(arr.shape[1]))
-    ax1.set_xlabel("expert")
-    ax1.set_ylabel("layer")
-    ax1.set_title("share of routed tokens (mean over run)")
-    fig.colorbar(im, ax=ax1)
-    for layer in range(arr.shape[1]):
-        ax2.plot(steps, arr[:, layer, :].max(axis=1) * experts, label=f"layer {layer}")
-    ax2.axhline(1.0, color="gray", linestyle=":")
-    ax2.set_xlabel("step")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.5 + 0.08 * layers))
+    im = ax1.imshow(mean * experts, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
+    ax1.xaxis.set_major_locator(MaxNLocator(MAX_TICKS // 2, integer=True))  # 3-digit labels need room
+    ax1.yaxis.set_major_locator(MaxNLocator(MAX_TICKS, integer=True))
+    ax1.set_xlabel(f"expert (of {experts})")
+    ax1.set_ylabel(f"layer (of {layers})")
+    ax1.set_title("expert load / balanced (mean over run)")
+    fig.colorbar(im, ax=ax1, label="1.0 = balanced")
     ax2.set_title("busiest expert / balanced load")
-    if arr.shape[1] <= 12:
+    if layers <= MAX_LINES:
+        for layer in range(layers):
+            ax2.plot(steps, busiest[:, layer], label=f"layer {layer}")
+        ax2.axhline(1.0, color="gray", linestyle=":")
+        ax2.set_xlabel("step")
         ax2.legend(fontsize=7)
+    else:
+        im2 = ax2.imshow(busiest.T, aspect="auto", cmap="magma", vmin=1.0, interpolation="nearest",
+                         extent=(steps[0] - 0.5, steps[-1] + 0.5, layers - 0.5, -0.5))
+        ax2.yaxis.set_major_locator(MaxNLocator(MAX_TICKS, integer=True))
+        ax2.xaxis.set_major_locator(MaxNLocator(MAX_TICKS, integer=True))
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("layer")
+        fig.colorbar(im2, ax=ax2, label="busiest / balanced")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
+
+
+def plot_expert_load(records: list[dict], path: Path) -> Optional[Path]:
+    fig = expert_load_figure(records)
+    return None if fig is None else save_figure(fig, path)
 
 
 def _eval_section(report: dict) -> str:

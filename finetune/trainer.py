@@ -29,6 +29,7 @@ import torch
 
 from ossforge.errors import UserError, where
 from ossforge.finetune.host_memory import reuse_freed_memory
+from ossforge.finetune.memory import gather_peaks
 from ossforge.finetune.lora import apply_lora, check_init_adapter, load_init_adapter, peft_config, summarize
 from ossforge.finetune.expert_parallel import apply_expert_parallel, ep_independent, optimizer_param_groups
 from ossforge.finetune.grad_clip import clip_gradients, we_clip
@@ -560,6 +561,12 @@ def _loop(config, run, engine, data, batches, load, device, step, resume_tag, fl
             if norm is not None:
                 record["grad_norm"] = round(float(norm), 6)  # before clipping
             window, window_tokens, window_start = [], 0, time.perf_counter()
+        if record or step == start_step + 1:  # a collective: every rank takes this branch together
+            peaks = gather_peaks(device)
+            if record:
+                record.update(peaks.record())
+            if step == start_step + 1 and rank0:
+                bar.write(f"after step {step}: {peaks.line()}")
         if data.eval and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
             record = record or {"step": step}
             record["eval_loss"] = result.eval_loss = round(evaluate_loss(unwrap(engine), data.eval, t.micro_batch_size, device), 6)
@@ -598,6 +605,11 @@ def _print_end(run: RunDir, result: TrainResult) -> None:
         lines.append(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} ({drop:.0f}% lower) over {result.steps} steps")
     if result.eval_loss is not None:
         lines.append(f"eval loss {result.eval_loss:.4f}")
+    memory = [r for r in records if "peak_host_gib" in r]
+    if memory:
+        device = memory[-1].get("peak_device_gib")
+        lines.append(f"peak memory: host {memory[-1]['peak_host_gib']:.2f} GiB, "
+                     f"{'no device' if device is None else f'device {device:.2f} GiB'} (max over ranks)")
     report = f"  report: {run.report_html}" if run.report_html.is_file() else ""
     lines.append(f"adapter: {run.adapter_dir}  metrics: {run.metrics_file}  curve: {run.loss_png}{report}")
     print("\n".join(lines), flush=True)

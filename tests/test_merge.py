@@ -174,3 +174,111 @@ def test_adapter_for_another_base(capsys, run_dir, tmp_path):
     _fails(capsys, "--adapter", str(run_dir["run"] / "adapter"), "--base", str(tmp_path / "other"),
            "--out", str(tmp_path / "o"), match="adapter does not fit base model")
     assert not (tmp_path / "o").exists()
+
+
+# -- streaming merge at scale, MXFP4 retention --------------------------------------------------
+
+def _child_peak_rss(args: list[str]) -> tuple[int, str]:
+    """(peak RSS in bytes, stdout) of one child process: its VmHWM, polled until it exits.
+
+    Not ``ru_maxrss``: on Linux a child's rusage keeps the RSS of the forked parent (pytest) from before exec.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    peak = 0
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, *args], env=env, stdout=out, stderr=err, text=True)
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    peak = max([peak] + [int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")])
+            except OSError:  # exited between poll() and open()
+                pass
+            time.sleep(0.02)
+        out.seek(0), err.seek(0)
+        assert proc.returncode == 0, err.read()
+        return peak, out.read()
+
+
+@pytest.fixture(scope="module")
+def sharded_base(tmp_path_factory):
+    """A ~330 MB fp32 base in 40 MB shards (small vocabulary, many experts) and a stock-peft adapter on it."""
+    folder = tmp_path_factory.mktemp("sharded")
+    base = build_random("tiny", seed=1, vocab_size=4096, pad_token_id=0, eos_token_id=1, num_hidden_layers=24, num_local_experts=16,
+                        hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=64, layer_types=["sliding_attention", "full_attention"] * 12).eval()
+    save_base(base, folder / "base", max_shard_size="40MB")
+    stock_peft_lora(base, seed=0, scale=0.05, task_type="CAUSAL_LM").save_pretrained(folder / "adapter")
+    return folder
+
+
+def test_streaming_merge_host_peak_is_one_shard_plus_adapter(sharded_base, tmp_path):
+    base, adapter = sharded_base / "base", sharded_base / "adapter"
+    shards = sorted(base.glob("model-*.safetensors"))
+    total = sum(f.stat().st_size for f in shards)
+    shard = max(f.stat().st_size for f in shards)
+    adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
+    assert len(shards) >= 8 and total > 300e6
+    # The same imports and meta-device model in a process that merges nothing: the baseline.
+    baseline, _ = _child_peak_rss(["-c", "import sys; from pathlib import Path; from ossforge.finetune.merge import "
+                                   "_meta_model, apply_adapter; apply_adapter(_meta_model(Path(sys.argv[1])), "
+                                   "Path(sys.argv[2]), meta=True)", str(base), str(adapter)])
+    peak, out = _child_peak_rss(["-m", "ossforge", "merge", "--adapter", str(adapter), "--base", str(base),
+                                 "--out", str(tmp_path / "merged"), "--no-probe"])
+    assert f"in {len(shards)} shard(s)" in out
+    extra = peak - baseline
+    print(f"streaming merge: peak {peak / 2**20:.0f} MiB, baseline {baseline / 2**20:.0f} MiB, "
+          f"shard {shard / 2**20:.0f} MiB, adapter {adapter_bytes / 2**20:.1f} MiB, model {total / 2**20:.0f} MiB")
+    # the shard's file pages + its merged tensors + their serialised bytes + the adapter, far below the model
+    assert extra <= 3.5 * shard + 2 * adapter_bytes + 16 * 2**20, extra
+    assert extra < 0.55 * total  # loading the model whole needs >= total
+    # and the result is the merge: same logits as peft's adapter model on the base
+    from peft import PeftModel
+
+    ref = PeftModel.from_pretrained(GptOssForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()
+    merged = GptOssForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    probe = PROBE % 4096
+    with torch.no_grad():
+        assert _rel(merged(input_ids=probe).logits, ref(input_ids=probe).logits) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def grid_base(tmp_path_factory):
+    """A tiny base whose experts lie on the MXFP4 grid, as the published checkpoints' do."""
+    from ossforge.model.mxfp4 import fake_quantize_mxfp4
+
+    folder = tmp_path_factory.mktemp("grid")
+    model = build_random("tiny", seed=2).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                p.copy_(fake_quantize_mxfp4(p))
+    save_base(model, folder / "base")
+    return folder, model
+
+
+@pytest.mark.parametrize("scale, warns", [(0.05, False), (2e-5, True)])
+def test_mxfp4_retention_is_printed_and_warns_when_the_adapter_vanishes(grid_base, scale, warns, tmp_path, capsys):
+    folder, model = grid_base
+    adapter = tmp_path / f"adapter-{scale}"
+    peft_model = stock_peft_lora(model, seed=0, scale=scale, task_type="CAUSAL_LM")
+    peft_model.save_pretrained(adapter)
+    peft_model.unload()  # the base module is shared with the fixture: take the LoRA layers off again
+    capsys.readouterr()
+    assert main(["merge", "--adapter", str(adapter), "--base", str(folder / "base"), "--out", str(tmp_path / "mx"),
+                 "--mxfp4"]) == 0
+    out = capsys.readouterr().out
+    kept = json.loads((tmp_path / "mx" / "ossforge_merge.json").read_text())["mxfp4_retained"]
+    assert "mxfp4 retained: expert weights" in out and "probe logit shift" in out
+    assert f"{100 * kept['weight_retained']:.1f}%" in out
+    if warns:  # deltas far below half an FP4 step: the re-quantised experts are the base again
+        assert kept["weight_error_vs_delta"] > 1 or kept["weight_retained_along_delta"] < 0.9
+        assert "warning: " in out and "MXFP4 re-quantisation" in out and "vLLM --enable-lora" in out and "without --mxfp4" in out
+    else:
+        assert kept["weight_retained_along_delta"] > 0.9 and kept["logit_shift_retained"] > 0.9
+        assert kept["weight_error_vs_delta"] < 1 and "warning" not in out

@@ -66,6 +66,8 @@ def test_run_directory_contract(straight):
         assert r["tokens_per_s"] > 0 and r["lr"] > 0
         assert len(r["expert_load"]) == 2 and all(len(layer) == 8 for layer in r["expert_load"])
         assert all(abs(sum(layer) - 1) < 1e-3 for layer in r["expert_load"])
+        assert r["memory"]["host_gib"] == [r["peak_host_gib"]] and r["peak_device_gib"] is None  # CPU, 1 rank
+        assert 0.2 < r["peak_host_gib"] < 16
     assert "eval_loss" in records[-1]
     assert records[-1]["loss"] < records[0]["loss"], "a few steps at lr 5e-3 must lower the loss"
     # warmup then cosine decay
