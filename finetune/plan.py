@@ -371,7 +371,7 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
         weights_expert_gib=round(w_expert / GIB, 2), weights_dense_gib=round(w_dense / GIB, 2),
         weights_mxfp4_gib=round(mxfp4, 2),
         lora_params_per_gpu=lora_gpu, lora_params_total=lora_total, lora_gib=round(lora_b / GIB, 3),
-        optimizer_gib=round(optimizer_b / GIB, 3), gradients_gib=round(grads_b / GIB, 3),
+        optimizer_gib=round(optimizer_device / GIB, 3), gradients_gib=round(grads_b / GIB, 3),
         activations_gib=round(act_b / GIB, 2), overhead_gib=round(overhead_gib, 2),
         per_gpu_gib=round(per_gpu, 2), fits=fits, zero_stage=stage,
         all_to_all_gib_per_step=round(a2a / GIB, 3), notes=notes,

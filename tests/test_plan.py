@@ -67,8 +67,8 @@ def test_20b_fits_on_one_gpu_and_ep_dp_layout(tmp_path):
 
 
 def test_estimate_responds_to_batch_and_checkpointing(tmp_path):
-    base = plan_json(write_config(tmp_path, "gpt-oss-20b", 1))
-    big = plan_json(write_config(tmp_path, "gpt-oss-20b", 1, micro_batch_size=4))
+    base = plan_json(write_config(tmp_path, "gpt-oss-20b", 1, loss="full"))  # logits scale with the batch
+    big = plan_json(write_config(tmp_path, "gpt-oss-20b", 1, micro_batch_size=4, loss="full"))
     assert big["activations_gib"] == pytest.approx(4 * base["activations_gib"], rel=0.01)
     no_ckpt = plan_json(write_config(tmp_path, "gpt-oss-20b", 1, gradient_checkpointing=False))
     assert no_ckpt["activations_gib"] > base["activations_gib"] + 4  # 24 layers of saved activations
@@ -210,7 +210,7 @@ def _plan(tmp_path, device="cuda", **training):
 
 
 def test_eager_scores_are_quadratic_flex_linear_and_logits_follow_the_loss(tmp_path):
-    eager = _plan(tmp_path, attention="eager", gradient_checkpointing=False, seq_len=4096)
+    eager = _plan(tmp_path, attention="eager", loss="full", gradient_checkpointing=False, seq_len=4096)
     # B x 64 heads x S x (S+1) bf16 softmax kept per layer, 24 layers
     assert eager.attention_scores_gib == pytest.approx(24 * 64 * 4096 * 4097 * 2 / 2**30, rel=1e-3)
     longer = _plan(tmp_path, attention="eager", gradient_checkpointing=False, seq_len=8192)
