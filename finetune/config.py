@@ -228,13 +228,14 @@ def _apply_override(data: dict, assignment: str, source: str) -> None:
         node.pop("preset" if parts[1] == "path" else "path", None)  # --set model.path replaces a preset, and vice versa
 
 
-def _resolve_path(value: Optional[str], base: Path) -> Optional[str]:
-    """Relative paths: config folder first, then the working directory."""
+def _resolve_path(value: Optional[str], base: Path, missing_beside: bool = False) -> Optional[str]:
+    """Relative paths: config folder first, then the working directory; a path found in neither stays
+    as written, or (``missing_beside``: a weights folder yet to be downloaded) becomes config-relative."""
     if value is None or Path(value).is_absolute():
         return value
     beside = base / value
     if beside.exists() or not Path(value).exists():
-        return str(beside) if beside.exists() else value
+        return str(beside) if beside.exists() or missing_beside else value
     return value
 
 
@@ -262,7 +263,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     base = path.parent
     config.data.train = _resolve_path(config.data.train, base)
     config.data.eval = _resolve_path(config.data.eval, base)
-    config.model.path = _resolve_path(config.model.path, base)
+    config.model.path = _resolve_path(config.model.path, base, missing_beside=True)
     config.lora.init_adapter = _resolve_path(config.lora.init_adapter, base)
     if check_files:
         for field, value in (("data.train", config.data.train), ("data.eval", config.data.eval)):
@@ -271,9 +272,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
         if config.model.path is not None and not Path(config.model.path).is_dir():
             from ossforge.model.checkpoint import missing_weights_hint
 
-            written = Path(config.model.path)
-            shown = written if written.is_absolute() or written.exists() else base / written
-            raise UserError(f"{path}: model.path: {missing_weights_hint(shown)}")
+            raise UserError(f"{path}: model.path: {missing_weights_hint(config.model.path)}")
         if config.lora.init_adapter is not None:
             _check_init_adapter(config.lora, path)
     return config
