@@ -172,7 +172,7 @@ def materialise_from_folder(model, folder, *, dtype, device, expert_range=None) 
     files = weight_files(folder)
     total = config.num_local_experts
     start, stop = expert_range or (0, total)
-    wanted = dict(model.state_dict())  # name -> meta tensor (shape)
+    wanted = dict(model.state_dict(keep_vars=True))  # name -> meta tensor (shape); no op runs
     used = set()
     by_file: dict[Path, list[str]] = {}
     for name in wanted:
