@@ -208,3 +208,21 @@ def read_base_record(run_path: str | Path):
         return ModelConfig(preset=record["preset"], init_seed=record["init_seed"]), dtype
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not a base record: {exc}") from None
+
+
+def ensure_recorded_base(run_path: str | Path) -> Path | None:
+    """``<run>/base`` when it exists; else, when the run recorded its base instead (``base_record.json``),
+    that base rebuilt there, streaming (one module and one shard in memory); else None."""
+    folder = Path(run_path) / "base"
+    if (folder / "config.json").is_file():
+        return folder
+    record = read_base_record(run_path)
+    if record is None:
+        return None
+    from ossforge.model.presets import write_random_folder
+
+    model_cfg, dtype = record
+    print(f"rebuilding the run's random-init base ({model_cfg.preset}, init_seed {model_cfg.init_seed}) "
+          f"into {folder}", flush=True)
+    write_random_folder(model_cfg.preset, model_cfg.init_seed, dtype, folder)
+    return folder

@@ -124,9 +124,23 @@ def init_random(model, seed: int, dtype, device, expert_range=None) -> None:
     """Materialise a meta-device model on ``device``: dense modules initialised as transformers does
     (one module at a time, seeded in module order), experts only for ``expert_range``, each seeded by
     :func:`expert_seed`, so no full-size expert tensor is ever created."""
+    from ossforge.model.local_experts import check_materialised, rebuild_rotary
+
+    for _ in init_modules(model, seed, dtype, device, expert_range):
+        pass
+    rebuild_rotary(model, device)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    check_materialised(model, device)
+    model.config.dtype = dtype
+
+
+def init_modules(model, seed: int, dtype, device, expert_range=None):
+    """Initialise a meta-device model module by module, yielding each ``(name, module)`` once its own
+    tensors are set, so a caller can write and release them as it goes (see ``write_random_folder``)."""
     import torch
 
-    from ossforge.model.local_experts import (assign, check_materialised, rebuild_rotary, set_expert_range)
+    from ossforge.model.local_experts import assign
 
     config = model.config
     total = config.num_local_experts
@@ -138,6 +152,7 @@ def init_random(model, seed: int, dtype, device, expert_range=None) -> None:
             if type(module).__name__ == "GptOssExperts":
                 layer = int(name.split("layers.")[1].split(".")[0])
                 _init_local_experts(module, layer, seed, (start, stop), total, std, dtype, device)
+                yield name, module
                 continue
             own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
             if not own:
@@ -146,11 +161,44 @@ def init_random(model, seed: int, dtype, device, expert_range=None) -> None:
                 assign(module, attr, torch.empty(tensor.shape, dtype=dtype if tensor.is_floating_point() else tensor.dtype,
                                                  device=device))
             model._init_weights(module)
-    rebuild_rotary(model, device)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    check_materialised(model, device)
-    model.config.dtype = dtype
+            yield name, module
+
+
+def write_random_folder(preset: str, seed: int, dtype, folder) -> None:
+    """Write a preset's random weights (exactly ``build_random``'s) as an HF folder, holding one module
+    at a time plus one safetensors shard: how a base too large to keep is rebuilt for merge and eval."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ossforge.model.checkpoint import CONFIG, write_safetensors
+    from ossforge.model.local_experts import meta_model
+
+    config = make_config(preset)
+    if sum(p.numel() for p in meta_model(config).parameters()) <= WHOLE_BUILD_MAX_PARAMS:
+        from ossforge.model.checkpoint import save_base
+
+        save_base(build_random(preset, seed=seed, dtype=dtype), folder)
+        return
+    model = meta_model(config)
+    persistent = set(model.state_dict(keep_vars=True))
+
+    def tensors():
+        for name, module in init_modules(model, seed, dtype, "cpu"):
+            for attr, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                full = f"{name}.{attr}" if name else attr
+                if full in persistent:
+                    yield full, tensor.detach()
+            module.to_empty(device="meta", recurse=False)  # written: release it
+
+    from ossforge.atomic import directory
+
+    with directory(Path(folder)) as tmp:
+        write_safetensors(tensors(), tmp)
+        data = config.to_dict()
+        data.update(architectures=["GptOssForCausalLM"], dtype=str(dtype).removeprefix("torch."))
+        (Path(tmp) / CONFIG).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _init_local_experts(experts, layer, seed, expert_range, total, std, dtype, device) -> None:

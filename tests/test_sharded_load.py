@@ -177,3 +177,34 @@ def test_large_presets_and_expert_lora_do_not_depend_on_the_ep_size(monkeypatch)
     assert a and all(t.abs().max() > 0 for t in a)
     # different experts, different draws
     assert not torch.equal(a[0][:2], a[0][2:4])
+
+
+def test_a_large_preset_base_is_recorded_and_merge_rebuilds_it(tmp_path, monkeypatch):
+    """Above BASE_MAX_BYTES the run writes base_record.json instead of base/ (thresholds lowered so the
+    tiny preset stands in for 120b); `ossforge merge` rebuilds exactly the trained-on base from it."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from ossforge.cli import main
+    from ossforge.finetune import trainer
+    from ossforge.finetune.config import load_config
+    from ossforge.model import presets
+    from ossforge.model.checkpoint import load_folder
+
+    monkeypatch.setattr(presets, "WHOLE_BUILD_MAX_PARAMS", 0)
+    monkeypatch.setattr(trainer, "BASE_MAX_BYTES", 0)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny", "init_seed": 4}, "lora": {"r": 2, "alpha": 4},
+        "data": {"train": str(Path(__file__).parents[1] / "data" / "medicine" / "train.jsonl")},
+        "training": {"max_steps": 1, "seq_len": 512}, "output_dir": str(tmp_path / "run")}))
+    trainer.train(load_config(cfg))
+    run = tmp_path / "run"
+    assert not (run / "base").exists()
+    assert json.loads((run / "base_record.json").read_text()) == {"preset": "tiny", "init_seed": 4, "dtype": "float32"}
+    assert main(["merge", "--adapter", str(run / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    rebuilt = load_folder(run / "base").state_dict()
+    expected = presets.build_random("tiny", seed=4).state_dict()
+    assert rebuilt.keys() == expected.keys() and all(torch.equal(rebuilt[k], expected[k]) for k in expected)
+    merged = load_file(next((tmp_path / "merged").glob("*.safetensors")))
+    assert any(not torch.equal(merged[k], expected[k]) for k in merged if k in expected)  # the adapter is in
