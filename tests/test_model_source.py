@@ -98,3 +98,27 @@ def test_plan_works_without_the_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr
     twenty = json.loads(run_cli("plan", "configs/medicine-20b.yaml", "--gpus", "1", "--json").stdout)
     assert json.loads(proc.stdout)["weights_gib"] == twenty["weights_gib"]
+
+
+@pytest.mark.parametrize("name,world", [("medicine-20b.yaml", 1), ("education-20b.yaml", 1),
+                                        ("medicine-120b-8xh100.yaml", 8), ("medicine-120b-2x8xh100.yaml", 16)])
+def test_gpu_recipes_train_one_to_three_epochs(name, world):
+    cfg = load_config(REPO / "configs" / name, ["model.preset=tiny"])
+    t = cfg.training
+    examples, _ = _packed(cfg.data.train, t.seq_len, cfg.data.packing)
+    epochs = t.max_steps * t.micro_batch_size * t.grad_accum * world / len(examples)
+    assert 1.0 <= epochs <= 3.0, (name, len(examples), epochs)
+    assert 0 < t.save_every < t.max_steps  # at least one checkpoint before the end
+    assert t.warmup_steps < t.max_steps / 5
+
+
+_PACKED: dict = {}
+
+
+def _packed(path, seq_len, packing):
+    from ossforge.finetune.data import build_examples
+
+    key = (path, seq_len, packing)
+    if key not in _PACKED:
+        _PACKED[key] = build_examples(path, seq_len, drop_analysis=False, packing=packing)
+    return _PACKED[key]

@@ -34,7 +34,7 @@ def test_ranks_without_a_shared_run_folder_all_exit_2(tmp_path):
         record = json.loads((tmp_path / f"rank{rank}.json").read_text())
         lines = record["stderr"].strip().splitlines()
         assert record["rc"] == 2 and len(lines) == 1, record
-        assert lines[0].startswith(f"error: {tmp_path}/node0: output_dir: ranks [1] cannot see the file rank 0 wrote")
+        assert lines[0].startswith(f"error: {tmp_path}/node{rank}: output_dir: ranks [1] cannot see the file rank 0 wrote")
         assert f"this is rank {rank}" in lines[0] and "filesystem all nodes share" in lines[0]
         assert len(record["check_seconds"]) == 1 and record["check_seconds"][0] < 10, record  # no collective timeout
     assert not (tmp_path / "node0" / "base").exists() and not (tmp_path / "node1").exists()
