@@ -2,9 +2,11 @@
 
 - :func:`load_model` builds a ``GptOssForCausalLM`` from ``model.preset`` (random init, seeded) or
   ``model.path`` (a local folder: ``config.json`` + ``model.safetensors`` or shards listed in
-  ``model.safetensors.index.json``). Expert weights in the published MXFP4 format
-  (``*_blocks``/``*_scales``) are dequantized while loading, one tensor at a time, so peak memory
-  is the model plus one tensor. Never touches the Hub.
+  ``model.safetensors.index.json``). The model is built on the meta device and filled one tensor at
+  a time; with ``expert_range`` (an expert-parallel rank's share) only those experts are read, as
+  safetensors slices. Expert weights in the published MXFP4 format (``*_blocks``/``*_scales``) enter
+  through :func:`load_mxfp4_experts` (dequantized by default). Never touches the Hub.
+- :func:`architecture_for` gives the architecture without weights (for ``ossforge plan``).
 - :func:`save_base` writes a random-init base as an HF folder, so an adapter trained on it can be
   loaded by anyone with stock transformers + peft.
 - :func:`save_mxfp4_checkpoint` writes experts back in the published MXFP4 format.
@@ -405,7 +407,7 @@ def _read_slice(f, file: Path, key: str, rows, device):
             shape = list(view.get_shape())
             if rows is not None:
                 shape[0] = rows[1] - rows[0]
-            return torch.empty(shape, dtype=_SAFETENSORS_DTYPES[view.get_dtype()], device="meta")
+            return torch.empty(shape, dtype=_safetensors_dtypes()[view.get_dtype()], device="meta")
         tensor = view[rows[0]:rows[1]] if rows is not None else view[:]
     except Exception as exc:
         raise UserError(f"{file}: {key}: cannot read tensor: {exc}") from None
@@ -417,15 +419,6 @@ def _safetensors_dtypes():
 
     return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
             "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
-
-
-class _LazyDtypes(dict):
-    def __missing__(self, key):
-        self.update(_safetensors_dtypes())
-        return dict.__getitem__(self, key)
-
-
-_SAFETENSORS_DTYPES = _LazyDtypes()
 
 
 def _assign(model, name: str, tensor) -> None:

@@ -93,14 +93,3 @@ def check_materialised(model, device) -> None:
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"tensors left unloaded: {left[:3]}")
-
-
-def tensor_bytes(model) -> dict[str, int]:
-    """Bytes of the model's parameters: ``dense`` and ``experts`` (the local ones)."""
-    out = {"dense": 0, "experts": 0}
-    for name, p in model.named_parameters():
-        kind = "experts" if ".experts." in name and "lora_" not in name else "dense"
-        if "lora_" in name:
-            continue
-        out[kind] += p.numel() * p.element_size()
-    return out
