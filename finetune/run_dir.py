@@ -125,6 +125,7 @@ class RunDir:
         """Record how to rebuild a random-init base too large to write (see ``read_base_record``)."""
         record = {"preset": model_cfg.preset, "init_seed": model_cfg.init_seed,
                   "dtype": str(dtype).removeprefix("torch.")}
+        shutil.rmtree(self.base_dir, ignore_errors=True)  # an earlier run's base/ would be taken for this one's
         atomic.write_text(self.base_record, json.dumps(record, indent=2) + "\n")
 
     # -- checkpoints -----------------------------------------------------------------------

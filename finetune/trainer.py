@@ -155,6 +155,7 @@ def build_model(config, device: torch.device, dtype: torch.dtype, run: RunDir, r
     if rank == 0 and small and not written:
         model = load_model(config.model, dtype=dtype, device=str(device))  # all experts, to write them
         save_base(model, run.base_dir)
+        run.base_record.unlink(missing_ok=True)  # an earlier, larger run's record
         keep_local_experts(model, local)
     else:
         model = load_model(config.model, dtype=dtype, device=str(device), expert_range=local)
