@@ -2,6 +2,8 @@
 
 - ``extends: other.yaml`` inherits another file (path relative to the including file, then to
   the working directory); mappings merge key by key, the including file wins.
+- ``model.path`` (in an including file or as ``--set model.path=DIR``) replaces an inherited or
+  configured ``model.preset``, and ``model.preset`` a path.
 - ``--set a.b=c`` overrides after merging; values are parsed as YAML scalars (``3`` -> int,
   ``true`` -> bool, ``[a,b]`` -> list) and checked by the schema like everything else.
 - Unknown keys are errors, so a misspelled key never passes silently.
@@ -196,7 +198,16 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if found.resolve() in {p.resolve() for p in chain + (path,)}:
         raise UserError(f"{path}: extends: circular include of {found}")
     base = _load_with_extends(found, chain + (path,))
-    return _deep_merge(base, data)
+    return _deep_merge(_drop_replaced_model_source(base, data.get("model")), data)
+
+
+def _drop_replaced_model_source(data: dict, model: Any) -> dict:
+    """``model.path`` set over an inherited ``model.preset`` replaces it, and vice versa (a single
+    file or ``--set`` list that names both is still an error)."""
+    if not isinstance(model, dict) or not isinstance(data.get("model"), dict):
+        return data
+    drop = {other for key, other in (("path", "preset"), ("preset", "path")) if model.get(key) is not None}
+    return {**data, "model": {k: v for k, v in data["model"].items() if k not in drop}}
 
 
 def _apply_override(data: dict, assignment: str, source: str) -> None:
@@ -219,15 +230,18 @@ def _apply_override(data: dict, assignment: str, source: str) -> None:
             raise UserError(f"{source}: --set {key}: {part} is not a section")
         node = child
     node[parts[-1]] = value
+    if parts[0] == "model" and len(parts) == 2 and parts[1] in ("path", "preset") and value is not None:
+        node.pop("preset" if parts[1] == "path" else "path", None)  # --set model.path replaces a preset, and vice versa
 
 
-def _resolve_path(value: Optional[str], base: Path) -> Optional[str]:
-    """Relative paths: config folder first, then the working directory."""
+def _resolve_path(value: Optional[str], base: Path, missing_beside: bool = False) -> Optional[str]:
+    """Relative paths: config folder first, then the working directory; a path found in neither stays
+    as written, or (``missing_beside``: a weights folder yet to be downloaded) becomes config-relative."""
     if value is None or Path(value).is_absolute():
         return value
     beside = base / value
     if beside.exists() or not Path(value).exists():
-        return str(beside) if beside.exists() else value
+        return str(beside) if beside.exists() or missing_beside else value
     return value
 
 
@@ -255,12 +269,16 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), c
     base = path.parent
     config.data.train = _resolve_path(config.data.train, base)
     config.data.eval = _resolve_path(config.data.eval, base)
-    config.model.path = _resolve_path(config.model.path, base)
+    config.model.path = _resolve_path(config.model.path, base, missing_beside=True)
     config.lora.init_adapter = _resolve_path(config.lora.init_adapter, base)
     if check_files:
-        for field, value in (("data.train", config.data.train), ("data.eval", config.data.eval), ("model.path", config.model.path)):
+        for field, value in (("data.train", config.data.train), ("data.eval", config.data.eval)):
             if value is not None and not Path(value).exists():
                 raise UserError(f"{path}: {field}: file not found: {value}")
+        if config.model.path is not None and not Path(config.model.path).is_dir():
+            from ossforge.model.checkpoint import missing_weights_hint
+
+            raise UserError(f"{path}: model.path: {missing_weights_hint(config.model.path)}")
         if config.lora.init_adapter is not None:
             _check_init_adapter(config.lora, path)
     return config

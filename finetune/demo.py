@@ -126,7 +126,10 @@ def load_run(run_dir: Path):
     if not (run.adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{run.adapter_dir}: no adapter yet (adapter_config.json missing); train first")
     config = load_config(run.config_file, check_files=False)
-    base = str(run.base_dir) if (run.base_dir / "config.json").is_file() else config.model.path
+    from ossforge.finetune.run_dir import ensure_recorded_base
+
+    recorded = ensure_recorded_base(run.path)  # base/, or rebuilt from base_record.json
+    base = str(recorded) if recorded is not None else config.model.path
     if base is None:
         raise UserError(f"{run.base_dir}: base model missing (the run used a random preset; retrain to write it)")
     model = load_model(ModelConfig(path=base), dtype=None, device="cpu")

@@ -423,6 +423,9 @@ def _load_base(config, adapter: Optional[Path], dtype, device):
     ``base_model_name_or_path``, else the config's model."""
     from ossforge.model.checkpoint import load_folder, load_model
 
+    from ossforge.finetune.run_dir import ensure_recorded_base
+
+    ensure_recorded_base(adapter.parent if adapter else Path(config.output_dir))  # a recorded large preset base
     candidates = [adapter.parent / "base"] if adapter else [Path(config.output_dir) / "base"]
     if adapter is not None:
         try:

@@ -161,16 +161,34 @@ def _mark(param: nn.Parameter, kind: str, experts: int, group_name: str) -> None
     param.ep_experts = experts
 
 
+def _global_experts(experts: nn.Module) -> int:
+    """Experts of the whole layer (a rank-sharded load leaves only the local ones in the module)."""
+    return getattr(experts, "num_global_experts", experts.num_experts)
+
+
 def _shard_block(mlp: nn.Module, rank: int, ep: int, group_name: str) -> None:
+    """Keep this rank's experts (base and LoRA) and mark them; a block loaded rank-sharded
+    (``ossforge.model.local_experts``) already holds only them and is only checked and marked."""
     experts, wrappers = _unwrap_experts(mlp.experts)
-    total = experts.num_experts
+    total = _global_experts(experts)
+    n = total // ep
+    presharded = getattr(experts, "expert_range", (0, total)) != (0, total)
+    if presharded and tuple(experts.expert_range) != (rank * n, (rank + 1) * n):
+        raise ValueError(f"experts were loaded for global experts {experts.expert_range}, but EP rank {rank} "
+                         f"of {ep} owns {rank * n}..{(rank + 1) * n - 1}")
     for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
-        n = total // ep
-        _replace(experts, name, getattr(experts, name)[rank * n:(rank + 1) * n])
+        if not presharded:
+            _replace(experts, name, getattr(experts, name)[rank * n:(rank + 1) * n])
         _mark(getattr(experts, name), "base", total, group_name)
-    experts.num_experts = total // ep
+    experts.num_experts = n
+    experts.num_global_experts, experts.expert_range = total, (rank * n, (rank + 1) * n)
     for wrapper in wrappers.values():
-        wrapper.num_experts = total // ep
+        wrapper.num_experts = n
+        if presharded:  # peft created the LoRA at the local size, in its layout
+            for adapter in list(wrapper.lora_A.keys()):
+                _mark(wrapper.lora_A[adapter].weight, "A", total, group_name)
+                _mark(wrapper.lora_B[adapter].weight, "B", total, group_name)
+            continue
         for adapter in list(wrapper.lora_A.keys()):
             a, b = wrapper.lora_A[adapter], wrapper.lora_B[adapter]
             n = a.weight.shape[0] // ep
@@ -229,7 +247,7 @@ def apply_expert_parallel(model: nn.Module, ep_size: int) -> nn.Module:
     blocks = [m for m in model.modules() if _is_moe_block(m)]
     if not blocks:
         raise ValueError("no gpt-oss MoE block found in the model")
-    num_experts = _unwrap_experts(blocks[0].experts)[0].num_experts
+    num_experts = _global_experts(_unwrap_experts(blocks[0].experts)[0])
     if num_experts % ep_size:
         raise ValueError(f"parallel.expert_parallel_size {ep_size} does not divide the {num_experts} experts")
 

@@ -52,17 +52,57 @@ def peft_config(lora_cfg, num_layers: int):
     return cfg
 
 
-def apply_lora(model, lora_cfg, base_path: str | None = None):
-    """Wrap a ``GptOssForCausalLM`` in a peft model with ossforge's LoRA layout; only LoRA trains."""
+def apply_lora(model, lora_cfg, base_path: str | None = None, seed: int | None = None):
+    """Wrap a ``GptOssForCausalLM`` in a peft model with ossforge's LoRA layout; only LoRA trains.
+
+    With ``seed``, expert LoRA is drawn per global expert (:func:`seed_expert_lora`), so a model that
+    holds only some experts gets exactly their share of the factors an all-experts model gets.
+    """
     from peft import get_peft_model
 
     config = peft_config(lora_cfg, model.config.num_hidden_layers)
     if base_path is not None:  # peft records the model's name_or_path as the adapter's base
         model.name_or_path = model.config._name_or_path = base_path
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as exc:  # peft names the target it could not find
         raise UserError(f"lora.targets: {exc}") from None
+    if seed is not None:
+        seed_expert_lora(peft_model, seed)
+    return peft_model
+
+
+def seed_expert_lora(model, seed: int) -> None:
+    """Re-draw every expert's LoRA A from a seed of (``seed``, layer, parameter, global expert index).
+
+    peft draws A for all of a layer's experts from the global RNG at once, so its values would depend
+    on how many experts this rank holds; drawn per global expert (same distribution as peft's default
+    ``kaiming_uniform_(a=sqrt(5))``), an expert starts from the same LoRA at any expert-parallel size.
+    B stays zero.
+    """
+    import math
+
+    import torch
+
+    from ossforge.model.fused_moe import _unwrap_experts
+    from ossforge.model.local_experts import expert_range_of
+
+    for name, module in model.named_modules():
+        if not (hasattr(module, "parameter_name") and hasattr(module, "lora_A")):
+            continue
+        base = _unwrap_experts(module)[0]
+        start, _ = expert_range_of(base)
+        layer = int(name.split("layers.")[1].split(".")[0])
+        kind = ("gate_up_proj", "down_proj").index(module.parameter_name)
+        for lora_a in module.lora_A.values():
+            weight = lora_a.weight
+            rows = weight.shape[0] // module.num_experts
+            with torch.no_grad():
+                for e in range(module.num_experts):
+                    g = torch.Generator().manual_seed(((seed * 4_099 + layer) * 2 + kind) * 65_537 + start + e)
+                    block = torch.empty(rows, weight.shape[1])
+                    torch.nn.init.kaiming_uniform_(block, a=math.sqrt(5), generator=g)
+                    weight[e * rows:(e + 1) * rows].copy_(block)
 
 
 def _names(value) -> set[str] | str:

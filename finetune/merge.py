@@ -326,6 +326,11 @@ def find_base(adapter: Path, adapter_config: dict, explicit: str | None) -> Path
     sibling = adapter.parent / "base"
     if (sibling / "config.json").is_file():
         return sibling
+    from ossforge.finetune.run_dir import ensure_recorded_base
+
+    rebuilt = ensure_recorded_base(adapter.parent)  # a large preset run records its base instead of writing it
+    if rebuilt is not None:
+        return rebuilt
     raise UserError(
         f"{adapter / ADAPTER_CONFIG}: base_model_name_or_path: {named!r} is not a local model folder "
         f"and {sibling} does not exist; pass --base DIR"

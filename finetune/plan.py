@@ -153,10 +153,12 @@ def arch_of(config, config_path) -> tuple[str, Arch]:
         from ossforge.model.presets import PRESETS
 
         return config.model.preset, Arch.from_dict(PRESETS[config.model.preset])
+    from ossforge.model.checkpoint import architecture_for  # config.json alone, or the preset a missing folder is named after
+
     cfg_file = Path(config.model.path) / "config.json"
     try:
-        return str(config.model.path), Arch.from_dict(json.loads(cfg_file.read_text()))
-    except (OSError, ValueError, KeyError) as exc:
+        return str(config.model.path), Arch.from_dict(architecture_for(config.model))
+    except (UserError, ValueError, KeyError) as exc:
         raise UserError(f"{config_path}: model.path: cannot read the architecture from {cfg_file}: {exc}") from None
 
 

@@ -5,7 +5,8 @@
     config.yaml           resolved config of the run
     metrics.jsonl         one JSON object per logged step (step, loss, lr, tokens_per_s, ...)
     adapter/              peft adapter: adapter_config.json + adapter_model.safetensors
-    base/                 the random-initialised base model (preset runs only), HF folder
+    base/                 the random-initialised base model (preset runs under 20 GiB), HF folder
+    base_record.json      larger presets: what rebuilds the base (preset, init_seed, dtype) instead
     checkpoints/          DeepSpeed checkpoints (step-N/ and ``latest``) for --resume
     tensorboard/          TensorBoard event files
     loss.png              loss curves (train, eval) and learning rate, drawn at the end
@@ -20,7 +21,9 @@ checkpoint is complete, and older checkpoints are pruned only after that.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 from ossforge import atomic
@@ -73,6 +76,8 @@ class RunDir:
         self.metrics_file = self.path / "metrics.jsonl"
         self.adapter_dir = self.path / "adapter"
         self.base_dir = self.path / "base"
+        self.base_record = self.path / "base_record.json"
+        self.shared_token = self.path / ".shared-fs-token"
         self.checkpoints_dir = self.path / "checkpoints"
         self.tensorboard_dir = self.path / "tensorboard"
         self.loss_png = self.path / "loss.png"
@@ -99,6 +104,44 @@ class RunDir:
                 stale.unlink(missing_ok=True)
         atomic.write_text(self.config_file, config_yaml)
 
+    def check_shared(self) -> None:
+        """Collective over all ranks: every rank must see the run folder rank 0 writes to.
+
+        Rank 0 writes a fresh token file, every rank reads it after a barrier, and all ranks agree on
+        the outcome, so a node without the shared filesystem fails on every rank at once (a UserError,
+        exit 2) instead of later, in a collective that never completes.
+        """
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        rank = dist.get_rank()
+        token = [uuid.uuid4().hex if rank == 0 else None]
+        if rank == 0:
+            atomic.write_text(self.shared_token, token[0])
+        dist.broadcast_object_list(token, src=0)
+        dist.barrier()
+        try:
+            seen = self.shared_token.read_text() == token[0]
+        except OSError:
+            seen = False
+        blind = torch.tensor([0 if seen else 1], dtype=torch.int64)
+        flags = [torch.zeros_like(blind) for _ in range(dist.get_world_size())]
+        dist.all_gather(flags, blind)
+        missing = [r for r, f in enumerate(flags) if int(f)]
+        if missing:
+            host = os.uname().nodename
+            raise UserError(f"{self.path}: output_dir: ranks {missing} cannot see the file rank 0 wrote there "
+                            f"(this is rank {rank} on {host}); the run folder must be on a filesystem all nodes share")
+
+    def write_base_record(self, model_cfg, dtype) -> None:
+        """Record how to rebuild a random-init base too large to write (see ``read_base_record``)."""
+        record = {"preset": model_cfg.preset, "init_seed": model_cfg.init_seed,
+                  "dtype": str(dtype).removeprefix("torch.")}
+        shutil.rmtree(self.base_dir, ignore_errors=True)  # an earlier run's base/ would be taken for this one's
+        atomic.write_text(self.base_record, json.dumps(record, indent=2) + "\n")
+
     # -- checkpoints -----------------------------------------------------------------------
 
     def latest_checkpoint(self) -> str | None:
@@ -115,7 +158,8 @@ class RunDir:
             return tag  # already saved at this step (e.g. Ctrl-C right after a periodic save)
         engine.save_checkpoint(str(self.checkpoints_dir), tag=tag, client_state=client_state,
                                exclude_frozen_parameters=True)
-        self._prune(keep=tag)
+        if getattr(engine, "global_rank", 0) == 0:  # one rank prunes the shared folder
+            self._prune(keep=tag)
         return tag
 
     def load_checkpoint(self, engine, tag: str) -> dict:
@@ -164,3 +208,41 @@ class RunDir:
         from ossforge.finetune.report import plot_loss
 
         return plot_loss(self.read_metrics(), self.loss_png, title=self.path.name)
+
+
+def read_base_record(run_path: str | Path):
+    """``(ModelConfig, torch dtype)`` of a run's ``base_record.json``, or None when it has none.
+
+    ``ossforge merge`` / ``eval`` rebuild such a base with ``load_model``; it equals the one trained on.
+    """
+    import torch
+
+    from ossforge.finetune.config import ModelConfig
+
+    path = Path(run_path) / "base_record.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[record["dtype"]]
+        return ModelConfig(preset=record["preset"], init_seed=record["init_seed"]), dtype
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a base record: {exc}") from None
+
+
+def ensure_recorded_base(run_path: str | Path) -> Path | None:
+    """``<run>/base`` when it exists; else, when the run recorded its base instead (``base_record.json``),
+    that base rebuilt there, streaming (one module and one shard in memory); else None."""
+    folder = Path(run_path) / "base"
+    if (folder / "config.json").is_file():
+        return folder
+    record = read_base_record(run_path)
+    if record is None:
+        return None
+    from ossforge.model.presets import write_random_folder
+
+    model_cfg, dtype = record
+    print(f"rebuilding the run's random-init base ({model_cfg.preset}, init_seed {model_cfg.init_seed}) "
+          f"into {folder}", flush=True)
+    write_random_folder(model_cfg.preset, model_cfg.init_seed, dtype, folder)
+    return folder

@@ -31,7 +31,8 @@ from ossforge.errors import UserError, where
 from ossforge.finetune.host_memory import reuse_freed_memory
 from ossforge.finetune.memory import gather_peaks
 from ossforge.finetune.lora import apply_lora, check_init_adapter, load_init_adapter, peft_config, summarize
-from ossforge.finetune.expert_parallel import apply_expert_parallel, ep_independent, optimizer_param_groups
+from ossforge.finetune.expert_parallel import (apply_expert_parallel, ep_independent, expert_parallel_size,
+                                               gathered_experts, optimizer_param_groups)
 from ossforge.finetune.grad_clip import clip_gradients, we_clip
 from ossforge.finetune.plan import check_topology
 from ossforge.finetune.run_dir import RunDir, save_adapter, unwrap
@@ -129,22 +130,46 @@ def setup_distributed(device: torch.device) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
 
+BASE_MAX_BYTES = 20 * 1024**3  # random-init bases up to this size are written to base/, larger ones recorded
+
+
 def build_model(config, device: torch.device, dtype: torch.dtype, run: RunDir, resume: bool):
-    """The base ``GptOssForCausalLM``; a random-initialised preset is also saved to ``base/``.
+    """The base ``GptOssForCausalLM`` with the dense weights and only this rank's experts.
+
+    It is built on the meta device and filled tensor by tensor on ``device`` (``model.checkpoint``):
+    with ``parallel.expert_parallel_size`` = EP, EP rank ``r`` materialises experts ``r*E/EP`` up to
+    ``(r+1)*E/EP``, never the others. A random-init preset under ``BASE_MAX_BYTES`` is written to
+    ``base/`` by rank 0 (which builds it whole for that); a larger one is recorded in
+    ``base_record.json`` (preset, seed, dtype), from which merge and eval rebuild the same weights.
 
     Returns ``(model, base_path)``: where the base lives, recorded in the adapter config.
     """
+    import torch.distributed as dist
     from transformers.utils import logging as hf_logging
 
-    from ossforge.model.checkpoint import load_model, save_base
+    from ossforge.model.checkpoint import architecture_for, load_model, save_base
+    from ossforge.model.local_experts import ep_expert_range, keep_local_experts
+    from ossforge.model.presets import preset_params
 
     hf_logging.disable_progress_bar()  # one progress bar on screen: training's
-    model = load_model(config.model, dtype=dtype, device=str(device))
-    if config.model.preset:
-        if not (resume and (run.base_dir / "config.json").is_file()):
-            save_base(model, run.base_dir)
-        return model, str(run.base_dir.resolve())
-    return model, str(Path(config.model.path).resolve())
+    ep = config.parallel.expert_parallel_size
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    local = ep_expert_range(architecture_for(config.model)["num_local_experts"], rank % ep, ep)
+    if not config.model.preset:
+        model = load_model(config.model, dtype=dtype, device=str(device), expert_range=local)
+        return model, str(Path(config.model.path).resolve())
+    small = preset_params(config.model.preset) * dtype.itemsize < BASE_MAX_BYTES
+    written = resume and (run.base_dir / "config.json").is_file()
+    if rank == 0 and small and not written:
+        model = load_model(config.model, dtype=dtype, device=str(device))  # all experts, to write them
+        save_base(model, run.base_dir)
+        run.base_record.unlink(missing_ok=True)  # an earlier, larger run's record
+        keep_local_experts(model, local)
+    else:
+        model = load_model(config.model, dtype=dtype, device=str(device), expert_range=local)
+        if rank == 0 and not small:
+            run.write_base_record(config.model, dtype)
+    return model, str(run.base_dir.resolve())
 
 
 def prepare_modules(model, config):
@@ -451,6 +476,12 @@ def print_summary(config, model, data: Data, engine, device, dtype, resumed_from
         f"hidden {m.hidden_size}, vocab {m.vocab_size:,}; {str(dtype).replace('torch.', '')} on {device.type}",
         f"  LoRA       r={config.lora.r} alpha={config.lora.alpha:g}: {lora.line()}",
     ]
+    ep = expert_parallel_size(model)
+    if ep > 1:
+        expert_lora = sum(p.numel() for p in model.parameters() if p.requires_grad and hasattr(p, "ep_kind"))
+        total = lora.trainable + (ep - 1) * expert_lora
+        lines.append(f"  trainable  {total:,} in total across the {ep} EP ranks, {lora.trainable:,} per rank "
+                     f"(expert LoRA {expert_lora:,} per rank, sharded; the rest replicated)")
     if config.lora.init_adapter:
         lines.append(f"  warm start skipped: resuming from checkpoint {resumed_from} (lora.init_adapter not loaded)"
                      if resumed_from else f"  warm start {config.lora.init_adapter}")
@@ -490,14 +521,17 @@ def train(config, resume: bool = False, config_path=None, stop_after: int | None
     data = load_data(config)  # all user errors are raised by now; nothing written yet
     setup_distributed(device)
 
-    run.start(resolved_yaml(config), resume)
+    if _rank0():
+        run.start(resolved_yaml(config), resume)  # checks, clearing and config.yaml: rank 0 only
+    run.check_shared()  # every rank sees rank 0's run folder, or every rank stops here (exit 2)
     model, base_path = build_model(config, device, dtype, run, resume)
     torch.manual_seed(t.seed)  # LoRA initialisation
-    model = apply_lora(model, config.lora, base_path)
-    if not resume_tag:  # on resume the checkpoint's LoRA wins over lora.init_adapter
-        load_init_adapter(model, config.lora, config_path)
+    model = apply_lora(model, config.lora, base_path, seed=t.seed)  # expert LoRA at the local size
     model = prepare_modules(model, config)
-    apply_expert_parallel(model, config.parallel.expert_parallel_size)  # shard experts before deepspeed.initialize
+    apply_expert_parallel(model, config.parallel.expert_parallel_size)  # mark the local experts for DeepSpeed
+    if not resume_tag and config.lora.init_adapter:  # on resume the checkpoint's LoRA wins
+        with gathered_experts(model):  # the adapter file holds all experts; each rank keeps its own
+            load_init_adapter(model, config.lora, config_path)
     engine = initialize_engine(model, config, ds_config)
     load = ExpertLoad(model)
     batches = Batches(data.train, t.micro_batch_size, t.seed, engine.global_rank, engine.world_size)
@@ -508,7 +542,8 @@ def train(config, resume: bool = False, config_path=None, stop_after: int | None
             state = run.load_checkpoint(engine, resume_tag)
         step = int(state.get("step", 0))
         _restore_rng(state)
-        run.truncate_metrics(step)
+        if _rank0():
+            run.truncate_metrics(step)
     with _StopFlag() as flag:
         result = _loop(config, run, engine, data, batches, load, device, step, resume_tag, flag, stop_after, dtype)
     if _rank0():

@@ -2,9 +2,11 @@
 
 - :func:`load_model` builds a ``GptOssForCausalLM`` from ``model.preset`` (random init, seeded) or
   ``model.path`` (a local folder: ``config.json`` + ``model.safetensors`` or shards listed in
-  ``model.safetensors.index.json``). Expert weights in the published MXFP4 format
-  (``*_blocks``/``*_scales``) are dequantized while loading, one tensor at a time, so peak memory
-  is the model plus one tensor. Never touches the Hub.
+  ``model.safetensors.index.json``). The model is built on the meta device and filled one tensor at
+  a time; with ``expert_range`` (an expert-parallel rank's share) only those experts are read, as
+  safetensors slices. Expert weights in the published MXFP4 format (``*_blocks``/``*_scales``) enter
+  through :func:`load_mxfp4_experts` (dequantized by default). Never touches the Hub.
+- :func:`architecture_for` gives the architecture without weights (for ``ossforge plan``).
 - :func:`save_base` writes a random-init base as an HF folder, so an adapter trained on it can be
   loaded by anyone with stock transformers + peft.
 - :func:`save_mxfp4_checkpoint` writes experts back in the published MXFP4 format.
@@ -40,13 +42,12 @@ def resolve_dtype(name: str, device: str = "cpu"):
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def load_model(model_cfg, *, dtype=None, device="cpu"):
+def load_model(model_cfg, *, dtype=None, device="cpu", expert_range=None):
     """``GptOssForCausalLM`` for a :class:`ossforge.finetune.config.ModelConfig`, in eval mode.
 
-    ``dtype`` defaults to ``model_cfg.dtype`` resolved for ``device``.
+    ``dtype`` defaults to ``model_cfg.dtype`` resolved for ``device``. ``expert_range = (start, stop)``
+    materialises only those global experts (an expert-parallel rank's share; see ``local_experts``).
     """
-    import torch
-
     from ossforge.model.mxfp4_experts import quantize_experts_, resolve_expert_format
 
     if dtype is None:
@@ -55,12 +56,13 @@ def load_model(model_cfg, *, dtype=None, device="cpu"):
     if model_cfg.preset:
         from ossforge.model.presets import build_random
 
-        model = build_random(model_cfg.preset, seed=model_cfg.init_seed, dtype=dtype)
+        model = build_random(model_cfg.preset, seed=model_cfg.init_seed, dtype=dtype, device=device,
+                             expert_range=expert_range)
         if resolve_expert_format(requested, folder_is_mxfp4=False, device=device) == "mxfp4":
             quantize_experts_(model)  # random experts quantised once; training then sees exactly these
-        return model.to(device).eval()
+        return model.eval()
     fmt = resolve_expert_format(requested, folder_is_mxfp4=stores_mxfp4_experts(model_cfg.path), device=device)
-    return load_folder(model_cfg.path, dtype=dtype, device=device, expert_format=fmt)
+    return load_folder(model_cfg.path, dtype=dtype, device=device, expert_range=expert_range, expert_format=fmt)
 
 
 def stores_mxfp4_experts(folder) -> bool:
@@ -69,6 +71,34 @@ def stores_mxfp4_experts(folder) -> bool:
     if not folder.is_dir():
         return False  # load_folder reports it
     return any(name.endswith("_blocks") for name in weight_files(folder))
+
+
+def architecture_for(model_cfg) -> dict:
+    """The architecture (``config.json`` keys) of ``model.preset`` or ``model.path``, reading no weights.
+
+    A ``model.path`` folder needs only its ``config.json``; a folder that does not exist yet but is
+    named like a preset (``.../gpt-oss-120b``) gives that preset's architecture, so ``ossforge plan``
+    works before the weights are downloaded.
+    """
+    from ossforge.model.presets import PRESETS
+
+    if model_cfg.preset:
+        return dict(PRESETS[model_cfg.preset])
+    folder = Path(model_cfg.path).expanduser()
+    if not (folder / CONFIG).is_file() and folder.name in PRESETS:
+        return dict(PRESETS[folder.name])
+    return read_config(folder).to_dict()
+
+
+def missing_weights_hint(folder) -> str:
+    """What to do about a ``model.path`` that does not exist: where the weights go, how to fetch them."""
+    from ossforge.model.presets import PRESETS
+
+    folder = Path(folder)
+    name = folder.name if folder.name in PRESETS and folder.name.startswith("gpt-oss") else "gpt-oss-20b"
+    return (f"weights folder not found: {folder}; download them there with "
+            f"`huggingface-cli download openai/{name} --local-dir {folder}` (or point --set model.path=DIR "
+            f"at a copy, or train random weights with --set model.preset={name})")
 
 
 def read_config(folder):
@@ -124,23 +154,49 @@ def stored_dtype(folder):
     return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}.get(code, torch.float32)
 
 
-def load_folder(folder, *, dtype=None, device="cpu", expert_format: str = "bf16"):
+def load_folder(folder, *, dtype=None, device="cpu", expert_range=None, expert_format: str = "bf16"):
     """Load a local HF gpt-oss folder; ``dtype`` None keeps fp32.
 
-    ``expert_format="mxfp4"`` keeps the experts packed (MXFP4 folders: as stored; bf16 folders: quantised once).
+    ``expert_format="mxfp4"`` keeps the experts packed (MXFP4 folders: as stored; bf16 folders:
+    quantised once, one tensor at a time).
+
+    The model is built on the meta device and filled one tensor at a time on ``device``; experts are
+    read as safetensors slices of ``expert_range`` only (all by default), MXFP4 ones through
+    :func:`load_mxfp4_experts`. On ``device="meta"`` nothing is read (a dry run: names and shapes checked).
     """
     import torch
-    from transformers import GptOssForCausalLM
+
+    from ossforge.model.local_experts import check_materialised, meta_model, rebuild_rotary
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(f"{folder}: model folder not found")
     dtype = dtype or torch.float32
     config = read_config(folder)
+    model = meta_model(config)
+    materialise_from_folder(model, folder, dtype=dtype, device=device, expert_range=expert_range,
+                            packed=expert_format == "mxfp4")
+    if expert_format == "mxfp4" and device != "meta":
+        from ossforge.model.mxfp4_experts import quantize_experts_
+
+        quantize_experts_(model)  # a bf16 folder's experts (already-packed ones are left as they are)
+    rebuild_rotary(model, device)
+    check_materialised(model, device)
+    model.config.dtype = dtype
+    model.name_or_path = str(folder)  # what peft records as base_model_name_or_path
+    return model.eval()
+
+
+def materialise_from_folder(model, folder, *, dtype, device, expert_range=None, packed: bool = False) -> None:
+    """Fill a meta-device ``model`` from ``folder``'s safetensors, one tensor (or expert slice) at a time."""
+    from ossforge.model.local_experts import set_expert_range
+
+    folder = Path(folder)
+    config = model.config
     files = weight_files(folder)
-    with torch.device("meta"):
-        model = GptOssForCausalLM(config)
-    wanted = dict(model.state_dict())  # name -> meta tensor (shape, requires_grad)
+    total = config.num_local_experts
+    start, stop = expert_range or (0, total)
+    wanted = dict(model.state_dict(keep_vars=True))  # name -> meta tensor (shape); no op runs
     used = set()
     by_file: dict[Path, list[str]] = {}
     for name in wanted:
@@ -161,25 +217,54 @@ def load_folder(folder, *, dtype=None, device="cpu", expert_format: str = "bf16"
     for file, names in by_file.items():
         with _open_safetensors(file) as f:
             for name in names:
-                if expert_format == "mxfp4" and name.endswith(EXPERT_WEIGHTS):
-                    _load_packed_expert(model, f, file, files, name, dtype, device, tuple(wanted[name].shape))
-                    continue
-                tensor = _read_tensor(f, file, files, name, dtype, device)
+                module_name, _, attr = name.rpartition(".")
+                module = model.get_submodule(module_name)
                 expected = tuple(wanted[name].shape)
-                if tuple(tensor.shape) != expected:
-                    raise UserError(f"{file}: {name}: shape {tuple(tensor.shape)}, config expects {expected}")
+                local = _is_expert_tensor(name)
+                rows = (start, stop) if local else None
+                if name not in files:  # MXFP4 blocks + scales
+                    blocks = _read_slice(f, file, f"{name}_blocks", rows, device)
+                    with _open_other(f, file, files[f"{name}_scales"]) as g:
+                        scales = _read_slice(g, files[f"{name}_scales"], f"{name}_scales", rows, device)
+                    expected_local = (stop - start,) + expected[1:]
+                    try:
+                        load_mxfp4_experts(module, attr, (start, stop), blocks, scales, dtype=dtype, packed=packed)
+                    except ValueError as exc:
+                        raise UserError(f"{file}: {name}_blocks: {exc}") from None
+                    got = tuple(getattr(module, attr).shape)
+                    if got != expected_local:
+                        raise UserError(f"{file}: {name}_blocks: experts {start}..{stop - 1} dequantise to shape "
+                                        f"{got}, config expects {expected_local}")
+                    continue
+                full_shape = tuple(f.get_slice(name).get_shape())
+                if full_shape != expected:
+                    raise UserError(f"{file}: {name}: shape {full_shape}, config expects {expected}")
+                tensor = _read_slice(f, file, name, rows, device)
                 _assign(model, name, tensor.to(device=device, dtype=dtype))
+    for _, experts in _experts_of(model):
+        set_expert_range(experts, (start, stop), total)
     if "lm_head.weight" not in used and config.tie_word_embeddings:
         model.tie_weights()
-    # Non-persistent buffers (rotary inv_freq) are not in the files: rebuild them for real.
-    rotary = type(model.model.rotary_emb)(config=config)
-    model.model.rotary_emb = rotary.to(device)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"tensors left unloaded: {left[:3]}")
-    model.config.dtype = dtype
-    model.name_or_path = str(folder)  # what peft records as base_model_name_or_path
-    return model.eval()
+
+
+def load_mxfp4_experts(experts, name: str, expert_range: tuple[int, int], blocks, scales, *, dtype,
+                       packed: bool = False) -> None:
+    """The one place MXFP4 expert weights enter a model: ``experts.<name>`` (``gate_up_proj`` or
+    ``down_proj``) from the published ``blocks [n, rows, G, 16]`` / ``scales [n, rows, G]`` of the
+    global experts ``expert_range`` (already sliced to them, on the target device).
+
+    By default the experts are dequantised to ``dtype`` one expert at a time (exact: every FP4 value
+    times a power of two is a bf16 number); ``packed`` keeps them MXFP4-resident instead
+    (``model.expert_format: mxfp4``), as the kernels read them.
+    """
+    from ossforge.model.local_experts import assign
+    from ossforge.model.mxfp4 import dequantize_mxfp4
+    from ossforge.model.mxfp4_experts import install_mxfp4_expert_weight
+
+    if packed:
+        install_mxfp4_expert_weight(experts, name, blocks, scales, dtype)
+    else:
+        assign(experts, name, dequantize_mxfp4(blocks, scales, dtype))
 
 
 def save_base(model, out_dir, *, max_shard_size: str | int = "5GB") -> Path:
@@ -326,57 +411,51 @@ def _open_safetensors(path: Path):
         yield f
 
 
-def _read_tensor(f, file: Path, files: dict, name: str, dtype, device):
-    """One tensor by its model name; MXFP4 experts are read from their blocks+scales and dequantized."""
-    from ossforge.model.mxfp4 import dequantize_mxfp4
+def _is_expert_tensor(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def _experts_of(model):
+    from ossforge.model.local_experts import expert_modules
+
+    return expert_modules(model)
+
+
+@contextmanager
+def _open_other(f, file: Path, other: Path):
+    """``f`` again when ``other`` is the same file, else ``other`` opened."""
+    if other == file:
+        yield f
+        return
+    with _open_safetensors(other) as g:
+        yield g
+
+
+def _read_slice(f, file: Path, key: str, rows, device):
+    """Tensor ``key``, or only its rows ``[start, stop)`` (a safetensors slice: nothing else is read).
+
+    On the meta device nothing is read at all: a tensor of the right shape and dtype stands in.
+    """
+    import torch
 
     try:
-        if name in files:
-            return f.get_tensor(name)
-        blocks = f.get_tensor(f"{name}_blocks")
-        scales_file = files[f"{name}_scales"]
-        if scales_file == file:
-            scales = f.get_tensor(f"{name}_scales")
-        else:
-            with _open_safetensors(scales_file) as g:
-                scales = g.get_tensor(f"{name}_scales")
-    except UserError:
-        raise
+        view = f.get_slice(key)
+        if torch.device(device).type == "meta":
+            shape = list(view.get_shape())
+            if rows is not None:
+                shape[0] = rows[1] - rows[0]
+            return torch.empty(shape, dtype=_safetensors_dtypes()[view.get_dtype()], device="meta")
+        tensor = view[rows[0]:rows[1]] if rows is not None else view[:]
     except Exception as exc:
-        raise UserError(f"{file}: {name}: cannot read tensor: {exc}") from None
-    try:
-        return dequantize_mxfp4(blocks.to(device), scales.to(device), dtype)  # on the GPU when loading there
-    except ValueError as exc:
-        raise UserError(f"{file}: {name}_blocks: {exc}") from None
+        raise UserError(f"{file}: {key}: cannot read tensor: {exc}") from None
+    return tensor.to(device)
 
 
-def _load_packed_expert(model, f, file, files, name, dtype, device, expected) -> None:
-    """Read one expert weight as MXFP4 blocks+scales (quantising a dense one) and install it packed."""
-    from ossforge.model.mxfp4 import quantize_mxfp4
-    from ossforge.model.mxfp4_experts import install_mxfp4_expert_weight
+def _safetensors_dtypes():
+    import torch
 
-    module_name, _, attr = name.rpartition(".")
-    if name in files:
-        blocks, scales = quantize_mxfp4(f.get_tensor(name).to(device))
-    else:
-        blocks, scales = (_read_raw(f, file, files, f"{name}_{part}").to(device) for part in ("blocks", "scales"))
-    try:
-        install_mxfp4_expert_weight(model.get_submodule(module_name), attr, blocks, scales, dtype)
-    except ValueError as exc:
-        raise UserError(f"{file}: {name}_blocks: {exc}") from None
-
-
-def _read_raw(f, file: Path, files: dict, name: str):
-    """A stored tensor by its file name (from another shard when it lives there)."""
-    try:
-        if files[name] == file:
-            return f.get_tensor(name)
-        with _open_safetensors(files[name]) as g:
-            return g.get_tensor(name)
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"{file}: {name}: cannot read tensor: {exc}") from None
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+            "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
 
 
 def _assign(model, name: str, tensor) -> None:

@@ -221,3 +221,13 @@ def test_convert_cli(tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 2
     assert main(["convert", "gsm8k", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "missing.jsonl: file not found" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("domain", ["medicine", "education"])
+def test_gpu_training_sets_equal_regeneration(domain, tmp_path):
+    """data/DOMAIN/train-4k.jsonl (the GPU configs' training set) is `--train 4000` of the generator."""
+    from ossforge.finetune.domains.__main__ import main
+
+    assert main([domain, "--out", str(tmp_path), "--train", "4000"]) == 0
+    assert (tmp_path / "train.jsonl").read_bytes() == (REPO / "data" / domain / "train-4k.jsonl").read_bytes()
+    assert (tmp_path / "heldout.jsonl").read_bytes() == (REPO / "data" / domain / "heldout.jsonl").read_bytes()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -240,6 +241,9 @@ def test_train_cli_ep2_checkpoint_resumes_at_ep1(tmp_path):
     env = {"OMP_NUM_THREADS": "1"}
     proc = run_cli("train", str(cfg), "--nproc", "2", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    per_rank = int(re.search(r"LoRA .*?: ([\d,]+) trainable", proc.stdout).group(1).replace(",", ""))
+    total = int(re.search(r"trainable +([\d,]+) in total across the 2 EP ranks", proc.stdout).group(1).replace(",", ""))
+    assert per_rank < total < 2 * per_rank  # expert LoRA sharded, attention LoRA replicated
     first = [json.loads(line) for line in (tmp_path / "ep2" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in first] == [1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "ep2" / "checkpoints" / "step-2").iterdir()) == \
@@ -252,6 +256,8 @@ def test_train_cli_ep2_checkpoint_resumes_at_ep1(tmp_path):
     proc = run_cli("train", str(cfg), "--nproc", "2", "--resume", "--set", "parallel.expert_parallel_size=1",
                    "--set", f"output_dir={resumed}", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    ep1_trainable = int(re.search(r"LoRA .*?: ([\d,]+) trainable", proc.stdout).group(1).replace(",", ""))
+    assert ep1_trainable == total  # the EP=2 total is what one EP=1 rank trains
     again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again] == [1, 2, 3]
     assert abs(again[2]["loss"] - first[2]["loss"]) <= 1e-4 * abs(first[2]["loss"])
