@@ -282,13 +282,6 @@ def _activation_bytes(config, arch: Arch, ep: int, act: int, attention: str, los
             "score_temporaries": arch.layers * EAGER_TRANSIENT_SCORES * scores}
 
 
-def _loads_local_experts_only() -> bool:
-    """True when the rank-sharded loader is present (each rank materialises only its own experts)."""
-    import importlib.util
-
-    return importlib.util.find_spec("ossforge.model.local_experts") is not None
-
-
 def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float = 80.0,
               device: str = "cuda") -> Plan:
     ep = config.parallel.expert_parallel_size
@@ -331,7 +324,12 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
 
     # Load-time peak on the rank's device: all experts when the loader reads them before expert
     # parallelism drops the others; rank 0 of a preset also holds the serialised base/ it writes.
-    experts_loaded = experts_total / ep if _loads_local_experts_only() and ep > 1 else experts_total
+    # Each rank materialises only its own experts (model/local_experts.py), except that small presets
+    # are built whole and then cut to the local experts.
+    from ossforge.model.presets import WHOLE_BUILD_MAX_PARAMS
+
+    built_whole = bool(config.model.preset) and experts_total + dense <= WHOLE_BUILD_MAX_PARAMS
+    experts_loaded = experts_total if built_whole else experts_total / ep
     load_b = experts_loaded * expert_bytes + w_dense
     if config.model.preset and device == "cpu":
         load_b += min(experts_total * param_bytes + w_dense, 5 * GIB)  # safetensors bytes of one base/ shard
@@ -350,8 +348,8 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
     host = CPU_PROCESS_GIB + host_optimizer_b / GIB
     if device == "cpu":
         host = per_gpu
-    elif config.model.preset and not _loads_local_experts_only():
-        host += (experts_total + dense) * 4 / GIB  # presets are initialised in fp32 on the host first
+    elif built_whole:
+        host += (experts_total + dense) * 4 / GIB  # small presets are initialised in fp32 on the host first
     # Per rank and optimizer step: dispatch + combine in forward, both again in backward (and once
     # more in the recomputed forward under checkpointing); (ep-1)/ep of the routed rows leave the rank.
     t = config.training.micro_batch_size * config.training.seq_len
