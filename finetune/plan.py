@@ -174,6 +174,12 @@ def check_topology(config, world_size: int, config_path, world_field: str = "--g
     if world_size % ep:
         raise UserError(f"{config_path}: parallel.expert_parallel_size: {ep} does not divide the world size "
                         f"{world_size} ({world_field})")
+    stage = int((config.deepspeed.get("zero_optimization") or {}).get("stage", 0))
+    if ep > 1 and stage > 0:
+        # ZeRO-1/2 keep expert shards in per-rank flat fp32 partitions whose checkpoints neither load at
+        # another EP size nor convert with zero_to_fp32; ZeRO-3 partitions the experts themselves.
+        raise UserError(f"{config_path}: deepspeed.zero_optimization.stage: ZeRO-{stage} is not supported with "
+                        f"parallel.expert_parallel_size {ep}; use stage 0 with expert parallelism")
     return ep, world_size // ep
 
 
