@@ -191,8 +191,8 @@ def _shard_block(mlp: nn.Module, rank: int, ep: int, group_name: str) -> None:
             continue
         for adapter in list(wrapper.lora_A.keys()):
             a, b = wrapper.lora_A[adapter], wrapper.lora_B[adapter]
-            n = a.weight.shape[0] // ep
-            _replace(a, "weight", a.weight[rank * n:(rank + 1) * n])
+            rows = a.weight.shape[0] // ep  # r x local experts
+            _replace(a, "weight", a.weight[rank * rows:(rank + 1) * rows])
             _replace(b, "weight", _slice_b(b.weight, total, rank, ep))
             a.out_features, b.in_features = a.weight.shape[0], b.weight.shape[1]
             _mark(a.weight, "A", total, group_name)
