@@ -196,40 +196,28 @@ def _lora_params(config, arch: Arch, ep: int) -> tuple[int, int]:
 
 
 def attention_in_use(config, device: str) -> str:
-    """``training.attention`` resolved as the trainer does: auto = flex on CUDA, eager on CPU.
+    """``training.attention`` resolved exactly as the trainer resolves it (flex on CUDA for auto)."""
+    from ossforge.model.attention import resolve_attention
 
-    Read with a default, so the planner also works where the key does not exist (eager everywhere then).
-    """
-    choice = getattr(config.training, "attention", None)
-    if choice is None:
-        return "eager"
-    if choice == "auto":
-        return "flex" if device == "cuda" else "eager"
-    return choice
+    return resolve_attention(config.training.attention, device)
 
 
 def loss_in_use(config, device: str) -> str:
-    """``training.loss`` resolved: auto = liger on CUDA, chunked elsewhere; absent key = full logits."""
-    choice = getattr(config.training, "loss", None)
-    if choice is None:
-        return "full"
-    if choice == "auto":
-        return "liger" if device == "cuda" else "chunked"
-    return choice
+    """``training.loss`` resolved as the trainer does; a LoRA-wrapped ``lm_head`` rules out Liger."""
+    from ossforge.finetune.loss import resolve_loss
+
+    if config.training.loss == "auto" and "lm_head" in config.lora.targets:
+        return "chunked"
+    return resolve_loss(config.training.loss, device)
 
 
 def expert_format_in_use(config, device: str) -> str:
-    """``model.expert_format``: auto = mxfp4 when the folder stores MXFP4 experts and training runs on CUDA."""
-    choice = getattr(config.model, "expert_format", "bf16")
-    if choice != "auto":
-        return choice
-    if device != "cuda" or not config.model.path:
-        return "bf16"
-    try:
-        quant = json.loads((Path(config.model.path) / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
-        return "bf16"
-    return "mxfp4" if quant.get("quant_method") == "mxfp4" else "bf16"
+    """``model.expert_format`` resolved as the loader does (auto: mxfp4 for an MXFP4 folder on CUDA)."""
+    from ossforge.model.checkpoint import stores_mxfp4_experts
+    from ossforge.model.mxfp4_experts import resolve_expert_format
+
+    is_mxfp4 = bool(config.model.path) and stores_mxfp4_experts(config.model.path)
+    return resolve_expert_format(config.model.expert_format, folder_is_mxfp4=is_mxfp4, device=device)
 
 
 def trained_fraction(config) -> tuple[float, str]:

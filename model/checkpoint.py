@@ -70,7 +70,10 @@ def stores_mxfp4_experts(folder) -> bool:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         return False  # load_folder reports it
-    return any(name.endswith("_blocks") for name in weight_files(folder))
+    try:
+        return any(name.endswith("_blocks") for name in weight_files(folder))
+    except UserError:  # config.json alone (plan before the download): load_folder reports it
+        return False
 
 
 def architecture_for(model_cfg) -> dict:
