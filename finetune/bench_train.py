@@ -97,27 +97,6 @@ def run(args) -> int:
 # ----------------------------------------------------------------------------- the two paths
 
 
-def ossforge_attention(model, device) -> str:
-    """The attention ossforge trains with (``training.attention: auto``): flex attention with sinks on
-    CUDA, eager elsewhere, with document-aware masks either way."""
-    from ossforge.model.attention import apply_attention, resolve_attention
-
-    implementation = resolve_attention("auto", device)
-    apply_attention(model, implementation)
-    return implementation
-
-
-def ossforge_loss(model, device):
-    """ossforge's training loss (``training.loss: auto``): Liger's fused linear cross-entropy on CUDA,
-    the chunked torch loss elsewhere, over trained tokens only; returns (loss function, name)."""
-    from ossforge.finetune.loss import resolve_loss
-    from ossforge.finetune.trainer import compute_loss
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner.ossforge_loss = resolve_loss("auto", device, inner.get_output_embeddings())
-    return compute_loss, inner.ossforge_loss
-
-
 def stock_loss(model, batch):
     """What TRL's SFTTrainer computes: the model's own loss over full logits."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
@@ -142,10 +121,11 @@ def use_path(model, path: str, device):
     config._experts_implementation = stock_experts()
     if path == "ossforge":
         fuse_moe(model)
-        attention = ossforge_attention(model, device)
-        loss, loss_name = ossforge_loss(model, device)
-        return loss, {"experts": "ossforge.model.fuse_moe", "attention": attention,
-                      "loss": f"{loss_name} LM-head loss over trained tokens (trainer.compute_loss)"}
+        from ossforge.finetune.trainer import apply_kernels, compute_loss
+
+        attention, loss_name = apply_kernels(model)  # training.attention / training.loss: auto
+        return compute_loss, {"experts": "ossforge.model.fuse_moe", "attention": attention,
+                              "loss": f"{loss_name} LM-head loss over trained tokens (trainer.compute_loss)"}
     from ossforge.model.attention import apply_attention
 
     apply_attention(model, "eager")

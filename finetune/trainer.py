@@ -180,21 +180,23 @@ def prepare_modules(model, config):
         from ossforge.model import fuse_moe
 
         fuse_moe(model)
-    apply_kernels(model, config)
+    apply_kernels(model, config.training.attention, config.training.loss)
     model.train()
     return model
 
 
-def apply_kernels(model, config):
+def apply_kernels(model, attention: str = "auto", loss: str = "auto") -> tuple[str, str]:
     """``training.attention`` (document-aware masks, flex attention with sinks on CUDA) and
-    ``training.loss`` (chunked / fused LM-head loss, read by :func:`compute_loss`) on the model."""
+    ``training.loss`` (chunked / fused LM-head loss, read by :func:`compute_loss`) on the model;
+    returns the (attention, loss) implementations chosen."""
     from ossforge.finetune.loss import resolve_loss
     from ossforge.model.attention import apply_attention, resolve_attention
 
     device = next(model.parameters()).device
-    apply_attention(model, resolve_attention(config.training.attention, device))
-    model.ossforge_loss = resolve_loss(config.training.loss, device, model.get_output_embeddings())
-    return model
+    implementation = resolve_attention(attention, device)
+    apply_attention(model, implementation)
+    model.ossforge_loss = resolve_loss(loss, device, model.get_output_embeddings())
+    return implementation, model.ossforge_loss
 
 
 def check_kernels(config, device: torch.device) -> None:
