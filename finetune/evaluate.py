@@ -422,8 +422,7 @@ def _load_base(config, adapter: Optional[Path], dtype, device):
     """The base the adapter was trained on: ``<run>/base`` beside it, else the adapter's local
     ``base_model_name_or_path``, else the config's model."""
     from ossforge.finetune.run_dir import ensure_recorded_base
-    from ossforge.model.checkpoint import load_folder, load_model, stores_mxfp4_experts
-    from ossforge.model.mxfp4_experts import resolve_expert_format
+    from ossforge.model.checkpoint import folder_expert_format, load_folder, load_model
 
     ensure_recorded_base(adapter.parent if adapter else Path(config.output_dir))  # a recorded large preset base
     candidates = [adapter.parent / "base"] if adapter else [Path(config.output_dir) / "base"]
@@ -437,8 +436,7 @@ def _load_base(config, adapter: Optional[Path], dtype, device):
     if config.model.preset or adapter is not None:
         for folder in candidates:
             if (folder / "config.json").is_file():
-                fmt = resolve_expert_format(getattr(config.model, "expert_format", "bf16"),
-                                            folder_is_mxfp4=stores_mxfp4_experts(folder), device=device)
+                fmt = folder_expert_format(config.model.expert_format, folder, device)
                 return load_folder(folder, dtype=dtype, device=device, expert_format=fmt), str(folder)
     source = config.model.path or f"preset {config.model.preset} (init_seed {config.model.init_seed})"
     return load_model(config.model, dtype=dtype, device=device), source

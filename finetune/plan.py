@@ -213,11 +213,9 @@ def loss_in_use(config, device: str) -> str:
 
 def expert_format_in_use(config, device: str) -> str:
     """``model.expert_format`` resolved as the loader does (auto: mxfp4 for an MXFP4 folder on CUDA)."""
-    from ossforge.model.checkpoint import stores_mxfp4_experts
-    from ossforge.model.mxfp4_experts import resolve_expert_format
+    from ossforge.model.checkpoint import folder_expert_format
 
-    is_mxfp4 = bool(config.model.path) and stores_mxfp4_experts(config.model.path)
-    return resolve_expert_format(config.model.expert_format, folder_is_mxfp4=is_mxfp4, device=device)
+    return folder_expert_format(config.model.expert_format, config.model.path, device)
 
 
 def trained_fraction(config) -> tuple[float, str]:

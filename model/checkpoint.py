@@ -61,8 +61,16 @@ def load_model(model_cfg, *, dtype=None, device="cpu", expert_range=None):
         if resolve_expert_format(requested, folder_is_mxfp4=False, device=device) == "mxfp4":
             quantize_experts_(model)  # random experts quantised once; training then sees exactly these
         return model.eval()
-    fmt = resolve_expert_format(requested, folder_is_mxfp4=stores_mxfp4_experts(model_cfg.path), device=device)
+    fmt = folder_expert_format(requested, model_cfg.path, device)
     return load_folder(model_cfg.path, dtype=dtype, device=device, expert_range=expert_range, expert_format=fmt)
+
+
+def folder_expert_format(choice: str, folder, device) -> str:
+    """``model.expert_format`` for a model folder on ``device``: ``auto`` keeps MXFP4 experts packed
+    only for a folder that stores them, on CUDA."""
+    from ossforge.model.mxfp4_experts import resolve_expert_format
+
+    return resolve_expert_format(choice, folder_is_mxfp4=bool(folder) and stores_mxfp4_experts(folder), device=device)
 
 
 def stores_mxfp4_experts(folder) -> bool:
