@@ -33,6 +33,7 @@ from ossforge.finetune.memory import gather_peaks
 from ossforge.finetune.lora import apply_lora, check_init_adapter, load_init_adapter, peft_config, summarize
 from ossforge.finetune.expert_parallel import (apply_expert_parallel, ep_independent, expert_parallel_size,
                                                gathered_experts, optimizer_param_groups)
+from ossforge.finetune.grad_accum import FP32GradAccumulation
 from ossforge.finetune.grad_clip import clip_gradients, we_clip
 from ossforge.finetune.plan import check_topology
 from ossforge.finetune.run_dir import RunDir, save_adapter, unwrap
@@ -252,6 +253,8 @@ def deepspeed_config(config, dtype: torch.dtype, config_path) -> dict:
         ds.setdefault("bf16", {"enabled": True})
         if zero["stage"] in (1, 2):  # accumulate micro-batch gradients in fp32 (ZeRO-0 bf16 cannot in 0.19.8)
             ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        else:  # ZeRO-0: FP32GradAccumulation sums micro-batches in fp32; the all-reduce sums ranks in fp32
+            ds.setdefault("communication_data_type", "fp32")
     if zero["stage"] > 0 and "optimizer" not in ds:
         ds.setdefault("zero_allow_untested_optimizer", True)  # torch AdamW under ZeRO
     ds.setdefault("steps_per_print", 10**9)
@@ -281,6 +284,8 @@ def initialize_engine(model, config, ds: dict):
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds)
+    engine.ossforge_accumulation = (FP32GradAccumulation(engine)
+                                    if FP32GradAccumulation.needed(engine, t.grad_accum) else None)
     return engine
 
 
@@ -321,6 +326,7 @@ def train_step(engine, batches: Batches, step: int, config, device, load) -> tup
     left in ``engine.ossforge_grad_norm`` (a device tensor, or DeepSpeed's at ZeRO-1/2).
     """
     accum, t = config.training.grad_accum, config.training
+    accumulation = getattr(engine, "ossforge_accumulation", None)  # fp32 sums for bf16 at ZeRO-0
     losses, tokens = [], 0
     for a in range(accum):
         m = step * accum + a
@@ -328,7 +334,12 @@ def train_step(engine, batches: Batches, step: int, config, device, load) -> tup
         load.active = batch["attention_mask"]
         loss = compute_loss(engine, batch, t.router_aux_loss_coef)
         load.active = None
-        engine.backward(loss)
+        if accumulation is None:
+            engine.backward(loss)
+        else:
+            accumulation.backward(loss)
+            if a == accum - 1:
+                accumulation.finish()  # the fp32 sum into param.grad, then DeepSpeed's all-reduce
         if a == accum - 1 and we_clip(engine):  # gradients are all-reduced now: clip by the EP=1 norm
             engine.ossforge_grad_norm = clip_gradients(engine, t.max_grad_norm)
         engine.step()  # DeepSpeed applies the update (optimizer, LR schedule; ZeRO-1/2 clip) on the last micro-batch

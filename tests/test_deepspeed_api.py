@@ -6,9 +6,7 @@ the expert LoRA fails to load with a clear error). One rank, gloo, in this proce
 from __future__ import annotations
 
 import inspect
-import os
 import re
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,24 +26,6 @@ def _api(owner, name: str, where: str):
 
 def _params(fn) -> list[str]:
     return list(inspect.signature(fn).parameters)
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    """A 1-rank gloo world (as ``ossforge train`` without a launcher)."""
-    import deepspeed
-    import torch.distributed as dist
-
-    # Left initialised afterwards, as the in-process trainer tests do: DeepSpeed caches its groups.
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(port))
-        deepspeed.init_distributed(dist_backend="gloo")
-    yield
 
 
 def test_deepspeed_version_is_in_the_pinned_range():
