@@ -505,7 +505,8 @@ def print_summary(config, model, data: Data, engine, device, dtype, resumed_from
         lines.append(f"  eval       {config.data.eval}: {data.eval_stats.summary()}")
     lines += [
         f"  batch      {t.micro_batch_size} micro x {t.grad_accum} accum x {world} ranks = {per_step} sequences/step; "
-        f"{t.max_steps} steps = {epochs:.2f} epochs",
+        f"{t.max_steps} steps = {epochs:.2f} epochs"
+        + ("; micro-batch gradients summed in fp32" if getattr(engine, "ossforge_accumulation", None) else ""),
         f"  optimizer  {'AdamW' if 'optimizer' not in config.deepspeed else config.deepspeed['optimizer'].get('type')} "
         f"lr {t.lr:g}, {t.lr_scheduler} schedule, warmup {t.warmup_steps}, clip {t.max_grad_norm:g}, weight decay {t.weight_decay:g}",
         f"  engine     DeepSpeed ZeRO-{stage}, fused MoE {'on' if t.fused_moe else 'off'}, gradient checkpointing "
