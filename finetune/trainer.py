@@ -33,6 +33,7 @@ from ossforge.finetune.memory import gather_peaks
 from ossforge.finetune.lora import apply_lora, check_init_adapter, load_init_adapter, peft_config, summarize
 from ossforge.finetune.expert_parallel import (apply_expert_parallel, ep_independent, expert_parallel_size,
                                                gathered_experts, optimizer_param_groups)
+from ossforge.finetune.frozen_broadcast import frozen_weights_not_broadcast
 from ossforge.finetune.grad_accum import FP32GradAccumulation
 from ossforge.finetune.grad_clip import clip_gradients, we_clip
 from ossforge.finetune.plan import check_topology
@@ -265,7 +266,8 @@ def deepspeed_config(config, dtype: torch.dtype, config_path) -> dict:
 def initialize_engine(model, config, ds: dict):
     """``deepspeed.initialize`` with torch AdamW (no op build needed) and the LR schedule.
 
-    A ``deepspeed.optimizer`` / ``deepspeed.scheduler`` section replaces ours.
+    A ``deepspeed.optimizer`` / ``deepspeed.scheduler`` section replaces ours. The frozen base is not
+    broadcast at start-up (``finetune/frozen_broadcast.py``): every rank built it alike.
     """
     import deepspeed
 
@@ -282,8 +284,9 @@ def initialize_engine(model, config, ds: dict):
         def scheduler(opt):
             return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=ds)
+    with frozen_weights_not_broadcast(model):  # every rank loaded the same frozen base: nothing to send
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                               lr_scheduler=scheduler, config=ds)
     engine.ossforge_accumulation = (FP32GradAccumulation(engine)
                                     if FP32GradAccumulation.needed(engine, t.grad_accum) else None)
     return engine

@@ -459,7 +459,12 @@ def _read_slice(f, file: Path, key: str, rows, device):
         tensor = view[rows[0]:rows[1]] if rows is not None else view[:]
     except Exception as exc:
         raise UserError(f"{file}: {key}: cannot read tensor: {exc}") from None
-    return tensor.to(device)
+    tensor = tensor.to(device)
+    if rows is not None and tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        # safetensors returns rows as a view of the whole (memory-mapped) tensor: a CPU rank would keep the
+        # file's every expert mapped in its parameter (MXFP4 blocks are used as read). Own only the rows.
+        tensor = tensor.clone()
+    return tensor
 
 
 def _safetensors_dtypes():

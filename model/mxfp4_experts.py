@@ -121,14 +121,17 @@ def install_mxfp4_expert_weight(experts: torch.nn.Module, name: str, blocks: tor
 
     The loader seam: blocks/scales in the published layout (as in the safetensors files), already on the
     target device. ``dtype``: the nominal dtype the parameter reports (default: the current parameter's).
-    Replaces a dense or meta parameter; the shape must match the one the config gives.
+    Replaces a dense or meta parameter; each expert's ``[in, out]`` must match the one the config gives. The
+    expert count may differ: a rank-sharded load (expert parallelism) installs only its share of the meta
+    parameter's experts.
     """
     if name not in EXPERT_PARAMS:
         raise ValueError(f"expected one of {EXPERT_PARAMS}, got {name!r}")
     old = experts._parameters.get(name)
     packed = MXFP4Tensor(blocks, scales, dtype or (old.dtype if old is not None else torch.bfloat16))
-    if old is not None and tuple(old.shape) != tuple(packed.shape):
-        raise ValueError(f"{name}: MXFP4 blocks give shape {tuple(packed.shape)}, the model expects {tuple(old.shape)}")
+    if old is not None and tuple(old.shape[1:]) != tuple(packed.shape[1:]):
+        raise ValueError(f"{name}: MXFP4 blocks give experts of shape {tuple(packed.shape[1:])}, the model "
+                         f"expects {tuple(old.shape[1:])}")
     experts._parameters[name] = torch.nn.Parameter(packed, requires_grad=False)
     return packed
 
@@ -158,13 +161,21 @@ def is_mxfp4_resident(model: torch.nn.Module) -> bool:
 
 
 def resident_expert_bytes(model: torch.nn.Module) -> int:
-    """Bytes the expert ``gate_up_proj``/``down_proj`` weights actually hold (packed or dense)."""
-    total = 0
+    """Bytes the expert ``gate_up_proj``/``down_proj`` weights actually hold (packed or dense): the storages
+    they keep alive, each counted once, so a weight that is a view of a larger buffer (a whole checkpoint
+    tensor when only a rank's experts are wanted) counts that buffer. Meta tensors count their own size."""
+    storages: dict[tuple[int, int], int] = {}
+    meta = 0
     for experts in expert_modules(model):
         for name in EXPERT_PARAMS:
             p = experts._parameters[name]
-            total += p.packed_nbytes() if isinstance(p, MXFP4Tensor) else p.numel() * p.element_size()
-    return total
+            for t in (p.blocks, p.scales) if isinstance(p, MXFP4Tensor) else (p,):
+                if t.is_meta:
+                    meta += t.numel() * t.element_size()
+                    continue
+                storage = t.untyped_storage()
+                storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+    return meta + sum(storages.values())
 
 
 def resolve_expert_format(name: str, *, folder_is_mxfp4: bool, device) -> str:

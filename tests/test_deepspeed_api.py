@@ -1,5 +1,5 @@
 """The DeepSpeed internals ossforge relies on (finetune/expert_parallel.py, trainer.py, run_dir.py,
-grad_clip.py), one test each, in the pinned range of pyproject.toml. A failure names the API that
+grad_clip.py, frozen_broadcast.py), one test each, in the pinned range of pyproject.toml. A failure names the API that
 changed: re-check the code using it before widening the pin. Also: strict resume (a checkpoint without
 the expert LoRA fails to load with a clear error). One rank, gloo, in this process."""
 
@@ -163,6 +163,49 @@ def test_bf16_zero0_wrapper_exposes_fp32_masters(one_rank):
     assert opt.clip_grad == 0.0
     assert [p.dtype for g in opt.fp32_groups for p in g] == [torch.float32] * 4
     assert "fp32_groups" in opt.state_dict(), "DeepSpeed changed: FP16_UnfusedOptimizer.state_dict()['fp32_groups']"
+
+
+class BroadcastLog:
+    """Records the tensors ``deepspeed.comm.broadcast`` sends while active (the engine calls it as ``dist.broadcast``)."""
+
+    def __enter__(self):
+        import deepspeed.comm
+
+        self.sent, self._original = [], deepspeed.comm.broadcast
+
+        def logged(tensor, *args, **kwargs):
+            self.sent.append(tensor)
+            return self._original(tensor, *args, **kwargs)
+
+        deepspeed.comm.broadcast = logged
+        return self
+
+    def __exit__(self, *exc):
+        import deepspeed.comm
+
+        deepspeed.comm.broadcast = self._original
+
+    def pointers(self) -> set[int]:
+        return {t.data_ptr() for t in self.sent}
+
+
+def test_broadcast_model_skips_parameters_marked_ds_optim_param(one_rank):
+    """``finetune/frozen_broadcast.py`` keeps the frozen base out of the engine's start-up broadcast by marking
+    it ``ds_optim_param`` during ``deepspeed.initialize``: ``DeepSpeedEngine._broadcast_model`` must skip
+    parameters carrying it, and still broadcast the others."""
+    import deepspeed
+
+    _api(deepspeed.DeepSpeedEngine, "_broadcast_model", "DeepSpeedEngine")
+    module = _WithMarker()
+    module.dense.weight.ds_optim_param = True
+    with BroadcastLog() as log:
+        _engine(module)
+    sent = log.pointers()
+    assert module.experts.weight.data_ptr() in sent and module.dense.bias.data_ptr() in sent, \
+        "DeepSpeed changed: DeepSpeedEngine._broadcast_model no longer broadcasts parameters through deepspeed.comm.broadcast"
+    assert module.dense.weight.data_ptr() not in sent, \
+        "DeepSpeed private API changed: DeepSpeedEngine._broadcast_model no longer skips parameters with ds_optim_param"
+    assert len(log.sent) == 3  # the three unmarked parameters, once each
 
 
 def test_engine_load_checkpoint_takes_custom_load_fn_and_reports_grad_norm(one_rank):
