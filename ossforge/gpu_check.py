@@ -424,7 +424,8 @@ def stage_mxfp4_peak(shape: str, tiny: bool, progress: Path) -> dict:
     peaks = {layers: figures["runs"][str(layers)][measured] for layers in MXFP4_PEAK_DEPTHS}
     if None in peaks.values():
         raise RuntimeError(f"metrics.jsonl has no {measured}: {peaks}")
-    figures.update(compare_with_plan(peaks, full_layers, plans, target_gib, figures["resident_experts"]["dense_copy_gib"]))
+    dense_copy = figures["resident_experts"]["dense_copy_gib"]
+    figures.update(compare_with_plan(peaks, full_layers, plans, target_gib, dense_copy))
     figures["total_s"] = round(time.monotonic() - t0, 1)
     return figures
 
@@ -537,7 +538,8 @@ def _finish_train(run: _Train) -> dict:
     rc = run.proc.wait()
     out = {"returncode": rc, "seconds": round(time.monotonic() - run.started, 1)}
     metrics = Path(_read_yaml(run.config)["output_dir"]) / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
     out["steps"] = [r["step"] for r in records if "step" in r]
     out["losses"] = [r.get("loss") for r in records]
     for key in ("peak_device_gib", "peak_host_gib"):
