@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TOTAL_BUDGET_S = 450
 LOG_TAIL = 3000
+GIB = 1024**3
 
 # stage -> (module, function): checks other parts provide; called with no arguments, return a JSON-able dict.
 OPTIONAL_CHECKS = {
@@ -90,6 +91,7 @@ def stages(tiny: bool) -> list[Stage]:
                                                                             "--json", "{out}"]))
         if shape == "20b":
             out.append(Stage("plan_vs_measured", 30 if tiny else 20, _python_stage("plan_vs_measured", tiny)))
+            out.append(Stage("mxfp4_peak_20b", 240 if tiny else 150, _python_stage("mxfp4_peak_20b", tiny)))
     for shape in ("20b", "120b"):
         moe = ["--shape", "tiny", "--iters", "1", "--warmup", "0"] if tiny else ["--shape", shape, "--dtype", "bfloat16"]
         out.append(Stage(f"bench_moe_{shape}", 30 if tiny else 40, cli + ["bench", "moe", *device, *moe, "--json", "{out}"]))
@@ -109,6 +111,7 @@ def stages(tiny: bool) -> list[Stage]:
         out.append(Stage(f"bench_moe_{shape}_mxfp4", 30 if tiny else 45,
                          cli + ["bench", "moe", *device, *moe, "--expert-format", "mxfp4", "--json", "{out}"],
                          skip=mxfp4))
+    out.append(Stage("mxfp4_peak_120b", 240 if tiny else 200, _python_stage("mxfp4_peak_120b", tiny)))
     return out
 
 
@@ -354,6 +357,321 @@ def stage_plan_vs_measured(tiny: bool) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- MXFP4-resident peak memory
+
+# shape -> (preset, full depth, the issue's target in GiB per GPU: a 24 GB card for 20b, one 80 GiB GPU for 120b)
+MXFP4_PEAK_SHAPES = {"20b": ("gpt-oss-20b", 24, 20.0), "120b": ("gpt-oss-120b", 36, 80.0)}
+MXFP4_PEAK_DEPTHS = (2, 4)  # both alternate sliding / full attention as the full models do
+MXFP4_PEAK_STEPS = 3
+# ZeRO-Offload as the planner counts it for 120b on one GPU (optimizer state and fp32 gradients on the host)
+OFFLOAD = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+
+
+def stage_mxfp4_peak(shape: str, tiny: bool, progress: Path) -> dict:
+    """Peak device memory of ``ossforge train`` over MXFP4-resident experts at two reduced depths of the real
+    ``shape`` (LoRA r=16 on attention and every expert, seq 4096, micro-batch 1, checkpointing, fused MoE,
+    bf16), extrapolated per layer to the full depth and set beside ``ossforge plan`` of the full model.
+
+    With ``--tiny``: the tiny preset's widths at the same depths, fp32 on CPU, host RSS for the peak
+    (checks the stage; measures nothing). Figures so far are written to ``progress`` as they come.
+    """
+    import torch
+
+    preset, full_layers, target_gib = MXFP4_PEAK_SHAPES[shape]
+    device = _device(tiny)
+    if tiny:
+        preset = "tiny"
+    seq, dtype, dtype_name = (256, torch.float32, "fp32") if tiny else (4096, torch.bfloat16, "bf16")
+    measured = "peak_host_gib" if tiny else "peak_device_gib"  # CPU: RSS; CUDA: torch.cuda.max_memory_allocated
+    t0 = time.monotonic()
+    figures: dict = {"shape": preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                     "depths": list(MXFP4_PEAK_DEPTHS), "full_layers": full_layers, "measured": measured}
+    with tempfile.TemporaryDirectory(prefix=f"mxfp4-peak-{shape}-") as tmp:
+        work = Path(tmp)
+        data = work / "long.jsonl"
+        _long_conversations(REPO / "data/medicine/train.jsonl", seq, MXFP4_PEAK_STEPS + 1, data)
+        figures["data"] = _examples_at(data, seq)
+        configs = {}
+        for layers in MXFP4_PEAK_DEPTHS:
+            folder = work / f"base-{layers}"
+            _save_mxfp4_model(preset, layers, folder, device, dtype)
+            configs[layers] = _peak_config(work, layers, folder, data, seq, dtype_name)
+        figures["build_s"] = round(time.monotonic() - t0, 1)
+        figures["settings"] = _read_yaml(configs[MXFP4_PEAK_DEPTHS[0]])
+        _write_progress(progress, figures)
+
+        t1 = time.monotonic()
+        # Side by side (peaks are per process); meanwhile the folder as the trainer loads it, and the plans.
+        runs = {layers: _start_train(cfg) for layers, cfg in configs.items()}
+        try:
+            figures["resident_experts"] = _loaded_experts(work / f"base-{MXFP4_PEAK_DEPTHS[0]}", device, dtype)
+            plans = _peak_plans(configs[MXFP4_PEAK_DEPTHS[0]], preset, MXFP4_PEAK_DEPTHS, full_layers,
+                                "cpu" if tiny else "cuda", target_gib, offload=shape == "120b")
+            figures["plan"] = plans
+            _write_progress(progress, figures)
+        except BaseException:
+            for run in runs.values():
+                run.proc.kill()
+                run.proc.wait()
+            raise
+        figures["runs"] = {str(layers): _finish_train(run) for layers, run in runs.items()}
+        figures["train_s"] = round(time.monotonic() - t1, 1)
+        _write_progress(progress, figures)
+        failed = [layers for layers, run in figures["runs"].items() if run["returncode"] != 0]
+        if failed:
+            raise RuntimeError(f"ossforge train failed at {', '.join(failed)} layers:\n"
+                               + "\n".join(figures["runs"][layers]["log_tail"] for layers in failed))
+    peaks = {layers: figures["runs"][str(layers)][measured] for layers in MXFP4_PEAK_DEPTHS}
+    if None in peaks.values():
+        raise RuntimeError(f"metrics.jsonl has no {measured}: {peaks}")
+    dense_copy = figures["resident_experts"]["dense_copy_gib"]
+    figures.update(compare_with_plan(peaks, full_layers, plans, target_gib, dense_copy))
+    figures["total_s"] = round(time.monotonic() - t0, 1)
+    return figures
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def _write_progress(path: Path, figures: dict) -> None:
+    from ossforge import atomic
+
+    atomic.write_text(str(path), json.dumps(figures, indent=2, default=str))
+
+
+def _long_conversations(source: Path, seq_len: int, rows: int, out: Path) -> None:
+    """``rows`` conversations that each render to more than ``seq_len`` tokens, so every training example is
+    cut to exactly ``seq_len``: consecutive shipped conversations of ``source`` chained turn after turn under
+    the first one's system message, with the union of their tools (the shipped ones are ~100-600 tokens)."""
+    from itertools import cycle
+
+    from ossforge.finetune import harmony
+
+    shipped = cycle([json.loads(line) for line in source.read_text().splitlines() if line.strip()])
+    with out.open("w") as f:
+        for _ in range(rows):
+            first = next(shipped)
+            row = {**first, "messages": list(first["messages"]), "tools": list(first.get("tools", []))}
+            while len(harmony.render_row(row)[0]) <= seq_len:
+                more = next(shipped)
+                row["messages"] += [m for m in more["messages"] if m["role"] != "system"]
+                names = {t["name"] for t in row["tools"]}
+                row["tools"] += [t for t in more.get("tools", []) if t["name"] not in names]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _examples_at(data: Path, seq_len: int) -> dict:
+    """The training examples of ``data`` as the trainer builds them; every one must fill ``seq_len``."""
+    from ossforge.finetune.data import build_examples
+
+    examples, stats = build_examples(data, seq_len)
+    lengths = [len(e["input_ids"]) for e in examples]
+    if any(n != seq_len for n in lengths):
+        raise RuntimeError(f"{data}: example lengths {lengths}, expected all {seq_len}")
+    trained = [sum(1 for x in e["labels"] if x != -100) / seq_len for e in examples]
+    return {"rows": stats.rows, "example_tokens": lengths, "trained_fraction_max": round(max(trained), 4)}
+
+
+def _layer_overrides(preset: str, layers: int) -> dict:
+    """``GptOssConfig`` overrides for ``preset`` at ``layers`` layers, its sliding / full pattern repeated."""
+    from ossforge.model.presets import PRESETS
+
+    types = PRESETS[preset]["layer_types"]
+    return {"num_hidden_layers": layers, "layer_types": [types[i % len(types)] for i in range(layers)]}
+
+
+def _save_mxfp4_model(preset: str, layers: int, folder: Path, device, dtype) -> None:
+    """A random model of ``preset``'s shapes at ``layers`` layers, built on ``device`` in ``dtype``, its experts
+    quantised by ``quantize_experts_`` and saved as the published MXFP4 layout (``*_blocks`` / ``*_scales``)."""
+    import torch
+
+    from ossforge.model.checkpoint import save_base
+    from ossforge.model.mxfp4_experts import quantize_experts_
+    from ossforge.model.presets import build_random
+
+    model = build_random(preset, seed=0, dtype=dtype, device=str(device), **_layer_overrides(preset, layers))
+    quantize_experts_(model)
+    save_base(model, folder)  # packed experts are written as held
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _peak_config(work: Path, layers: int, folder: Path, data: Path, seq: int, dtype_name: str) -> Path:
+    import yaml
+
+    config = {
+        "model": {"path": str(folder), "dtype": dtype_name, "expert_format": "mxfp4"},
+        "data": {"train": str(data)},
+        "lora": {"r": 16, "alpha": 32, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                 "expert_targets": ["gate_up_proj", "down_proj"]},  # every layer
+        "training": {"max_steps": MXFP4_PEAK_STEPS, "lr": 1e-4, "micro_batch_size": 1, "seq_len": seq,
+                     "gradient_checkpointing": True, "fused_moe": True, "log_every": 1, "warmup_steps": 0},
+        "output_dir": str(work / f"run-{layers}"),
+    }
+    path = work / f"train-{layers}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@dataclass
+class _Train:
+    config: Path
+    proc: subprocess.Popen
+    log: Path
+    started: float
+
+
+def _start_train(config: Path) -> _Train:
+    log = config.with_suffix(".log")
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "ossforge", "train", str(config)], cwd=REPO, stdout=f,
+                                stderr=subprocess.STDOUT)
+    return _Train(config, proc, log, time.monotonic())
+
+
+def _finish_train(run: _Train) -> dict:
+    """Wait for one ``ossforge train``; its steps, losses and peaks from ``metrics.jsonl``."""
+    rc = run.proc.wait()
+    out = {"returncode": rc, "seconds": round(time.monotonic() - run.started, 1)}
+    metrics = Path(_read_yaml(run.config)["output_dir"]) / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
+    out["steps"] = [r["step"] for r in records if "step" in r]
+    out["losses"] = [r.get("loss") for r in records]
+    for key in ("peak_device_gib", "peak_host_gib"):
+        values = [r[key] for r in records if r.get(key) is not None]
+        out[key] = max(values) if values else None
+    rates = sorted(r["tokens_per_s"] for r in records if "tokens_per_s" in r)
+    out["tokens_per_s_median"] = rates[len(rates) // 2] if rates else None
+    if rc != 0 or out["steps"] != list(range(1, MXFP4_PEAK_STEPS + 1)):
+        out["log_tail"] = _tail(run.log)
+        out["returncode"] = rc if rc != 0 else "steps missing"
+    return out
+
+
+def _loaded_experts(folder: Path, device, dtype) -> dict:
+    """The folder as ``ossforge train`` loads it (``model.expert_format: mxfp4``): the expert bytes it holds
+    against 4.25 bits per expert parameter, the format ``auto`` would pick here, and on CUDA the device memory
+    the load allocated."""
+    import torch
+
+    from ossforge.model.checkpoint import folder_expert_format, load_folder
+    from ossforge.model.mxfp4 import MXFP4_BITS
+    from ossforge.model.mxfp4_experts import expert_modules, is_mxfp4_resident, resident_expert_bytes
+
+    cuda = device.type == "cuda"
+    before = torch.cuda.memory_allocated() if cuda else 0
+    model = load_folder(folder, dtype=dtype, device=str(device), expert_format="mxfp4")
+    layers = model.config.num_hidden_layers
+    params = sum(e.gate_up_proj.numel() + e.down_proj.numel() for e in expert_modules(model))
+    held = resident_expert_bytes(model)
+    # Any op on a packed weight outside the kernels runs on a dense dequantised temporary: DeepSpeed's start-up
+    # broadcast (``p.data.view(torch.uint8)`` in ``_broadcast_model``, even on one rank) makes one per tensor.
+    dense_copy = max(e.gate_up_proj.numel() for e in expert_modules(model)) * dtype.itemsize
+    out = {"layers": layers, "auto_expert_format": folder_expert_format("auto", folder, device),
+           "mxfp4_resident": is_mxfp4_resident(model), "expert_params_per_layer": params // layers,
+           "expert_bytes_per_layer": held // layers,
+           "mxfp4_bytes_per_layer": round(params * MXFP4_BITS / 8 / layers),
+           "bits_per_expert_param": round(held * 8 / params, 4), "dense_copy_bytes": dense_copy,
+           "dense_copy_gib": round(dense_copy / GIB, 3)}
+    out["resident_over_mxfp4_size"] = round(out["expert_bytes_per_layer"] / out["mxfp4_bytes_per_layer"], 4)
+    if cuda:
+        torch.cuda.synchronize()
+        out["load_allocated_gib"] = round((torch.cuda.memory_allocated() - before) / GIB, 3)
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def _peak_plans(config_path: Path, preset: str, depths, full_layers: int, device: str, target_gib: float,
+                offload: bool) -> dict:
+    """``ossforge plan`` (``finetune.plan.make_plan``) of the measured runs' own config on one GPU, with the
+    architecture at each measured depth and at the full depth (config.json only: the planner reads no
+    weights); with ``offload`` also the full model under ZeRO-Offload."""
+    from ossforge.finetune.config import load_config
+    from ossforge.finetune.plan import make_plan
+    from ossforge.model.presets import make_config
+
+    def plan(layers: int, deepspeed: dict | None = None) -> dict:
+        folder = config_path.parent / f"arch-{layers}"
+        make_config(preset, **_layer_overrides(preset, layers)).save_pretrained(str(folder))
+        config = load_config(config_path, [f"model.path={folder}"], check_files=False)
+        if deepspeed:
+            config.deepspeed = deepspeed
+        p = make_plan(config, config_path, gpus=1, gpu_mem_gib=target_gib, device=device)
+        return {"per_gpu_gib": p.per_gpu_gib, "overhead_gib": p.overhead_gib, "weights_gib": p.weights_gib,
+                "weights_expert_gib": p.weights_expert_gib, "lora_gib": p.lora_gib, "optimizer_gib": p.optimizer_gib,
+                "gradients_gib": p.gradients_gib, "activations_gib": p.activations_gib, "fits": p.fits,
+                "expert_format": p.expert_format, "attention": p.attention, "loss": p.loss,
+                "host_optimizer_gib": p.host_optimizer_gib, "trained_fraction": p.trained_fraction}
+
+    out = {str(layers): plan(layers) for layers in depths}
+    out["full"] = plan(full_layers)
+    if offload:
+        out["full_offload"] = plan(full_layers, OFFLOAD)
+    return out
+
+
+def extrapolate_per_layer(peaks: dict[int, float], layers: int) -> dict:
+    """``peak(L) = fixed + L * per_layer`` through the two measured depths, evaluated at ``layers``."""
+    (a, peak_a), (b, peak_b) = sorted(peaks.items())
+    per_layer = (peak_b - peak_a) / (b - a)
+    fixed = peak_a - a * per_layer
+    return {"per_layer_gib": round(per_layer, 4), "fixed_gib": round(fixed, 4), "layers": layers,
+            "peak_gib": round(fixed + layers * per_layer, 3)}
+
+
+def compare_with_plan(peaks: dict[int, float], full_layers: int, plans: dict, target_gib: float,
+                      dense_copy_gib: float = 0.0) -> dict:
+    """The measured peaks extrapolated to ``full_layers`` beside the plan of the full model.
+
+    The measured peak is the allocator's (``torch.cuda.max_memory_allocated``); the plan's per-GPU total adds a
+    fixed allowance for the CUDA context, NCCL and allocator slack (``overhead_gib``), so the like-for-like
+    ratio is the plan without it; both are given. With ``full_offload`` in ``plans`` (120b on one GPU) the
+    measured runs kept the optimizer on the device; the estimate with ZeRO-Offload takes from the
+    extrapolated peak what the plan moves to the host (optimizer state, fp32 gradients).
+
+    The peak counts from process start, so a start-up transient of ``dense_copy_gib`` (one expert tensor
+    dequantised, e.g. by DeepSpeed's start-up broadcast) over the weights and LoRA can set it instead of
+    training: ``start_up_may_set_peak`` per depth says where the plan's figures put that above training's,
+    in which case the per-layer slope misses the optimizer state and activations.
+    """
+    fit = extrapolate_per_layer(peaks, full_layers)
+    full = plans["full"]
+    (a, _), (b, _) = sorted(peaks.items())
+    planned_per_layer = (plans[str(b)]["per_gpu_gib"] - plans[str(a)]["per_gpu_gib"]) / (b - a)
+    like_for_like = full["per_gpu_gib"] - full["overhead_gib"]
+    out = {"extrapolated": fit, "extrapolated_peak_gib": fit["peak_gib"],
+           "planned_gib": full["per_gpu_gib"], "planned_without_overhead_gib": round(like_for_like, 3),
+           "planned_per_layer_gib": round(planned_per_layer, 4),
+           "plan_over_measured": round(full["per_gpu_gib"] / fit["peak_gib"], 3),
+           "plan_without_overhead_over_measured": round(like_for_like / fit["peak_gib"], 3),
+           "at_measured_depths": {}}
+    for n in sorted(peaks):
+        planned = plans[str(n)]["per_gpu_gib"] - plans[str(n)]["overhead_gib"]
+        start_up = plans[str(n)]["weights_gib"] + plans[str(n)]["lora_gib"] + dense_copy_gib
+        out["at_measured_depths"][str(n)] = {"measured_gib": peaks[n], "planned_without_overhead_gib": round(planned, 3),
+                                             "plan_without_overhead_over_measured": round(planned / peaks[n], 3),
+                                             "start_up_estimate_gib": round(start_up, 3),
+                                             "start_up_may_set_peak": start_up >= planned}
+    out["within_15pct"] = abs(out["plan_without_overhead_over_measured"] - 1) <= 0.15
+    if "full_offload" in plans:
+        moved = full["per_gpu_gib"] - plans["full_offload"]["per_gpu_gib"]
+        estimate = round(fit["peak_gib"] - moved, 3)
+        out["offload"] = {"planned_gib": plans["full_offload"]["per_gpu_gib"],
+                          "host_optimizer_gib": plans["full_offload"]["host_optimizer_gib"],
+                          "moved_to_host_gib": round(moved, 3), "extrapolated_peak_gib": estimate}
+        out["target_gib"], out["fits_target"] = target_gib, estimate <= target_gib
+    else:
+        out["target_gib"], out["fits_target"] = target_gib, fit["peak_gib"] <= target_gib
+    return out
+
+
 def stage_ep_clipping(tiny: bool) -> dict:
     """EP=2 vs EP=1 with every step clipped, bf16 at ZeRO-0, two ranks sharing GPU 0 over gloo
     (``tests/ep_worker.py``, the same suite the CPU test runs); fails when they differ."""
@@ -410,6 +728,8 @@ def run_one_stage(name: str, tiny: bool, out: Path) -> int:
         result = stage_plan_vs_measured(tiny)
     elif name == "ep_clipping_bf16":
         result = stage_ep_clipping(tiny)
+    elif name.startswith("mxfp4_peak_"):
+        result = stage_mxfp4_peak(name.removeprefix("mxfp4_peak_"), tiny, out)
     elif name in OPTIONAL_CHECKS:
         result = stage_optional(name)
     else:

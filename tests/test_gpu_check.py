@@ -50,8 +50,10 @@ def test_every_stage_is_planned_on_gpu_and_cpu():
     assert names == [s.name for s in gpu_check.stages(tiny=True)]
     for name in ("environment", "main_job", "bench_train_20b", "bench_train_120b", "plan_vs_measured", "bench_moe_20b",
                  "bench_moe_120b", "kernel_tests", "attention_gradcheck", "ep_clipping_bf16",
-                 "bench_moe_20b_mxfp4", "bench_moe_120b_mxfp4"):
+                 "bench_moe_20b_mxfp4", "bench_moe_120b_mxfp4", "mxfp4_peak_20b", "mxfp4_peak_120b"):
         assert name in names
+    # the 20b MXFP4 peak (the 24 GB-card target) right after the planner comparison, the 120b one last
+    assert names.index("mxfp4_peak_20b") == names.index("plan_vs_measured") + 1 and names[-1] == "mxfp4_peak_120b"
     gpu = {s.name: s for s in gpu_check.stages(tiny=False)}
     assert gpu["kernel_tests"].env["TRITON_INTERPRET"] == "0"
     assert "--gpu-mem-gib" in gpu["bench_train_20b"].argv and "4096" in gpu["bench_train_120b"].argv
@@ -103,3 +105,77 @@ def test_carry_list_pins_one_version_each():
     names = [spec.split("==")[0] for spec in gpu_check.CARRY_WHEELS + gpu_check.CARRY_SDISTS]
     assert len(names) == len(set(names)) and all("==" in s for s in gpu_check.CARRY_WHEELS)
     assert "deepspeed" in names and "openai-harmony" in names and "pydantic-core" in names
+
+
+@pytest.mark.slow
+def test_tiny_mxfp4_peak_stage_trains_two_depths_and_extrapolates(tmp_path):
+    """The MXFP4 peak stage at toy size: two MXFP4 folders (published layout), ``ossforge train`` on each at
+    seq_len-filling data, the experts held at 4.25 bits, the peaks extrapolated per layer beside the plan."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, "-m", "ossforge.gpu_check", "--tiny", "--out", str(out),
+                           "--only", "mxfp4_peak_20b"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "OSSFORGE_MOE_BACKEND": "torch"})
+    stage = json.loads(out.read_text())["stages"]["mxfp4_peak_20b"]
+    assert stage["status"] == "ok", stage.get("log_tail")
+    r = stage["result"]
+    assert r["depths"] == [2, 4] and r["full_layers"] == 24 and r["measured"] == "peak_host_gib"
+    assert r["settings"]["model"]["expert_format"] == "mxfp4" and r["settings"]["training"]["gradient_checkpointing"]
+    assert r["data"]["example_tokens"] == [r["settings"]["training"]["seq_len"]] * 4  # every example fills seq_len
+    experts = r["resident_experts"]
+    assert experts["mxfp4_resident"] and experts["auto_expert_format"] == "bf16"  # auto is mxfp4 on CUDA only
+    assert abs(experts["bits_per_expert_param"] - 4.25) <= 0.05 * 4.25
+    assert experts["dense_copy_bytes"] == 8 * 64 * 128 * 4  # tiny: gate_up_proj of 8 experts, [64, 128] fp32
+    peaks = {}
+    for layers in ("2", "4"):
+        run = r["runs"][layers]
+        assert run["returncode"] == 0 and run["steps"] == [1, 2, 3], run
+        assert all(loss > 0 for loss in run["losses"]) and run["peak_host_gib"] > 0.1
+        peaks[int(layers)] = run["peak_host_gib"]
+    fit = r["extrapolated"]
+    assert fit["per_layer_gib"] == pytest.approx((peaks[4] - peaks[2]) / 2, abs=1e-3)
+    assert r["extrapolated_peak_gib"] == pytest.approx(fit["fixed_gib"] + 24 * fit["per_layer_gib"], abs=2e-3)
+    plan = r["plan"]
+    assert set(plan) == {"2", "4", "full"} and plan["full"]["expert_format"] == "mxfp4"
+    assert plan["full"]["lora_gib"] > plan["4"]["lora_gib"] > plan["2"]["lora_gib"]  # LoRA on every layer
+    assert r["planned_gib"] == plan["full"]["per_gpu_gib"]
+    assert r["plan_over_measured"] == pytest.approx(r["planned_gib"] / r["extrapolated_peak_gib"], abs=2e-3)
+    assert r["fits_target"] == (r["extrapolated_peak_gib"] <= 20.0)
+    assert set(r["at_measured_depths"]) == {"2", "4"} and "start_up_may_set_peak" in r["at_measured_depths"]["2"]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_mxfp4_peak_plans_and_data_at_the_real_shapes(tmp_path):
+    """What the GPU stage compares with, at the real shapes (the planner reads no weights): data whose every
+    example fills 4096 tokens, the plan at the measured depths and at 24 / 36 layers, ZeRO-Offload for 120b."""
+    data = tmp_path / "long.jsonl"
+    gpu_check._long_conversations(REPO / "data/medicine/train.jsonl", 4096, 4, data)
+    assert gpu_check._examples_at(data, 4096)["example_tokens"] == [4096] * 4
+    config = gpu_check._peak_config(tmp_path, 2, tmp_path / "base-2", data, 4096, "bf16")
+    p20 = gpu_check._peak_plans(config, "gpt-oss-20b", (2, 4), 24, "cuda", 20.0, offload=False)
+    assert set(p20) == {"2", "4", "full"}
+    assert abs(p20["full"]["weights_expert_gib"] - 9.46) < 0.02 and p20["full"]["expert_format"] == "mxfp4"
+    per_layer = (p20["4"]["per_gpu_gib"] - p20["2"]["per_gpu_gib"]) / 2
+    assert 0.4 < per_layer < 0.8  # 0.40 GiB MXFP4 experts + LoRA, its optimizer state, a layer input
+    assert p20["full"]["per_gpu_gib"] == pytest.approx(p20["2"]["per_gpu_gib"] + 22 * per_layer, abs=0.1)
+    p120 = gpu_check._peak_plans(config, "gpt-oss-120b", (2, 4), 36, "cuda", 80.0, offload=True)
+    assert p120["full_offload"]["fits"] and not p120["full"]["fits"]
+    assert p120["full_offload"]["optimizer_gib"] == 0 and p120["full_offload"]["host_optimizer_gib"] > 15
+
+    # Peaks as a GPU would measure them (the plan's own, less its overhead): the extrapolation recovers the plan.
+    peaks = {n: p120[str(n)]["per_gpu_gib"] - p120[str(n)]["overhead_gib"] for n in (2, 4)}
+    figures = gpu_check.compare_with_plan(peaks, 36, p120, 80.0)
+    assert figures["extrapolated"]["per_layer_gib"] == pytest.approx((peaks[4] - peaks[2]) / 2, abs=1e-4)
+    assert figures["plan_without_overhead_over_measured"] == pytest.approx(1.0, abs=0.01) and figures["within_15pct"]
+    offload = figures["offload"]
+    assert offload["moved_to_host_gib"] == pytest.approx(p120["full"]["per_gpu_gib"] - offload["planned_gib"])
+    assert offload["extrapolated_peak_gib"] == pytest.approx(figures["extrapolated_peak_gib"] - offload["moved_to_host_gib"])
+    assert figures["fits_target"] == (offload["extrapolated_peak_gib"] <= 80.0)
+    doubled = gpu_check.compare_with_plan({n: 2 * v for n, v in peaks.items()}, 36, p120, 80.0)
+    assert not doubled["within_15pct"] and not doubled["fits_target"]
+    # One dense bf16 copy of a gate_up_proj (a start-up transient) outweighs training at 2-4 layers of 120b, not of 20b.
+    dense_copy = {experts: experts * 2880 * 5760 * 2 / 2**30 for experts in (32, 128)}
+    flags120 = gpu_check.compare_with_plan(peaks, 36, p120, 80.0, dense_copy[128])["at_measured_depths"]
+    assert flags120["2"]["start_up_may_set_peak"] and flags120["2"]["start_up_estimate_gib"] > 9
+    peaks20 = {n: p20[str(n)]["per_gpu_gib"] - p20[str(n)]["overhead_gib"] for n in (2, 4)}
+    flags20 = gpu_check.compare_with_plan(peaks20, 24, p20, 20.0, dense_copy[32])["at_measured_depths"]
+    assert not any(f["start_up_may_set_peak"] for f in flags20.values())
