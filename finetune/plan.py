@@ -51,9 +51,6 @@ DEFAULT_TRAINED_FRACTION = 0.5  # without a data file: half the tokens carry a l
 LOSS_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk of the chunked loss (finetune/loss.py)
 EAGER_TRANSIENT_SCORES = 3  # score-sized temporaries live while one layer's eager attention runs
 HEAP_KEEP_GIB = 1.5  # glibc M_TRIM_THRESHOLD (1 GiB) + M_TOP_PAD (0.5 GiB) set by finetune/host_memory.py
-# A rank started by the DeepSpeed launcher (gloo process groups for EP / expert-DP, DeepSpeed's shm
-# comm op) over a single process: measured 0.23-0.34 GiB at 512 tokens, 2 CPU ranks.
-CPU_LAUNCHED_RANK_GIB = 0.3
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -335,7 +332,8 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
     train_b = w_expert + w_dense + lora_b + optimizer_device + grads_b + act_b
     overhead_gib = OVERHEAD_GIB
     if device == "cpu":
-        overhead_gib = CPU_PROCESS_GIB + cpu_heap_slack_gib(acts) + (CPU_LAUNCHED_RANK_GIB if world > 1 else 0.0)
+        # (a launched rank's extra 0.3 GiB was DeepSpeed's start-up broadcast of the frozen base, now skipped)
+        overhead_gib = CPU_PROCESS_GIB + cpu_heap_slack_gib(acts)
     per_gpu = max(train_b, load_b) / GIB + overhead_gib
     host = CPU_PROCESS_GIB + host_optimizer_b / GIB
     if device == "cpu":
@@ -398,8 +396,8 @@ def format_plan(p: Plan, config) -> str:
         f"per {unit} ({tr.micro_batch_size} x {tr.seq_len} tokens, checkpointing "
         f"{'on' if tr.gradient_checkpointing else 'off'}, attention {p.attention}, loss {p.loss}; "
         f"trained fraction {p.trained_fraction:.2f}, {p.trained_fraction_source}):",
-        f"  weights      {p.weights_gib:8.2f} GiB  ({experts} + non-expert "
-        f"{p.weights_dense_gib:.2f}; MXFP4 experts would be {p.weights_mxfp4_gib:.2f})",
+        f"  weights      {p.weights_gib:8.2f} GiB  ({experts} + non-expert {p.weights_dense_gib:.2f}"
+        + (")" if p.expert_format == "mxfp4" else f"; with MXFP4 experts {p.weights_mxfp4_gib:.2f})"),
         f"  lora         {p.lora_gib:8.3f} GiB  ({p.lora_params_per_gpu / 1e6:.1f}M params on this rank, "
         f"{p.lora_params_total / 1e6:.1f}M in total across the EP ranks)",
         f"  optimizer    {p.optimizer_gib:8.3f} GiB" + (f"  (offloaded: {p.host_optimizer_gib:.2f} GiB of host memory per rank)"

@@ -424,8 +424,7 @@ def stage_mxfp4_peak(shape: str, tiny: bool, progress: Path) -> dict:
     peaks = {layers: figures["runs"][str(layers)][measured] for layers in MXFP4_PEAK_DEPTHS}
     if None in peaks.values():
         raise RuntimeError(f"metrics.jsonl has no {measured}: {peaks}")
-    dense_copy = figures["resident_experts"]["dense_copy_gib"]
-    figures.update(compare_with_plan(peaks, full_layers, plans, target_gib, dense_copy))
+    figures.update(compare_with_plan(peaks, full_layers, plans, target_gib))
     figures["total_s"] = round(time.monotonic() - t0, 1)
     return figures
 
@@ -569,15 +568,11 @@ def _loaded_experts(folder: Path, device, dtype) -> dict:
     layers = model.config.num_hidden_layers
     params = sum(e.gate_up_proj.numel() + e.down_proj.numel() for e in expert_modules(model))
     held = resident_expert_bytes(model)
-    # Any op on a packed weight outside the kernels runs on a dense dequantised temporary: DeepSpeed's start-up
-    # broadcast (``p.data.view(torch.uint8)`` in ``_broadcast_model``, even on one rank) makes one per tensor.
-    dense_copy = max(e.gate_up_proj.numel() for e in expert_modules(model)) * dtype.itemsize
     out = {"layers": layers, "auto_expert_format": folder_expert_format("auto", folder, device),
            "mxfp4_resident": is_mxfp4_resident(model), "expert_params_per_layer": params // layers,
            "expert_bytes_per_layer": held // layers,
            "mxfp4_bytes_per_layer": round(params * MXFP4_BITS / 8 / layers),
-           "bits_per_expert_param": round(held * 8 / params, 4), "dense_copy_bytes": dense_copy,
-           "dense_copy_gib": round(dense_copy / GIB, 3)}
+           "bits_per_expert_param": round(held * 8 / params, 4)}
     out["resident_over_mxfp4_size"] = round(out["expert_bytes_per_layer"] / out["mxfp4_bytes_per_layer"], 4)
     if cuda:
         torch.cuda.synchronize()
@@ -626,8 +621,7 @@ def extrapolate_per_layer(peaks: dict[int, float], layers: int) -> dict:
             "peak_gib": round(fixed + layers * per_layer, 3)}
 
 
-def compare_with_plan(peaks: dict[int, float], full_layers: int, plans: dict, target_gib: float,
-                      dense_copy_gib: float = 0.0) -> dict:
+def compare_with_plan(peaks: dict[int, float], full_layers: int, plans: dict, target_gib: float) -> dict:
     """The measured peaks extrapolated to ``full_layers`` beside the plan of the full model.
 
     The measured peak is the allocator's (``torch.cuda.max_memory_allocated``); the plan's per-GPU total adds a
@@ -636,10 +630,8 @@ def compare_with_plan(peaks: dict[int, float], full_layers: int, plans: dict, ta
     measured runs kept the optimizer on the device; the estimate with ZeRO-Offload takes from the
     extrapolated peak what the plan moves to the host (optimizer state, fp32 gradients).
 
-    The peak counts from process start, so a start-up transient of ``dense_copy_gib`` (one expert tensor
-    dequantised, e.g. by DeepSpeed's start-up broadcast) over the weights and LoRA can set it instead of
-    training: ``start_up_may_set_peak`` per depth says where the plan's figures put that above training's,
-    in which case the per-layer slope misses the optimizer state and activations.
+    The peak counts from process start; DeepSpeed's start-up broadcast, which would dequantise every packed
+    expert weight, skips the frozen base (``finetune/frozen_broadcast.py``), so training sets it.
     """
     fit = extrapolate_per_layer(peaks, full_layers)
     full = plans["full"]
@@ -654,11 +646,8 @@ def compare_with_plan(peaks: dict[int, float], full_layers: int, plans: dict, ta
            "at_measured_depths": {}}
     for n in sorted(peaks):
         planned = plans[str(n)]["per_gpu_gib"] - plans[str(n)]["overhead_gib"]
-        start_up = plans[str(n)]["weights_gib"] + plans[str(n)]["lora_gib"] + dense_copy_gib
         out["at_measured_depths"][str(n)] = {"measured_gib": peaks[n], "planned_without_overhead_gib": round(planned, 3),
-                                             "plan_without_overhead_over_measured": round(planned / peaks[n], 3),
-                                             "start_up_estimate_gib": round(start_up, 3),
-                                             "start_up_may_set_peak": start_up >= planned}
+                                             "plan_without_overhead_over_measured": round(planned / peaks[n], 3)}
     out["within_15pct"] = abs(out["plan_without_overhead_over_measured"] - 1) <= 0.15
     if "full_offload" in plans:
         moved = full["per_gpu_gib"] - plans["full_offload"]["per_gpu_gib"]

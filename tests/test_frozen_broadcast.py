@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from tests.dequantise_count import DequantiseCount
-from tests.test_deepspeed_api import BroadcastLog, one_rank  # noqa: F401  (fixture)
+from tests.test_deepspeed_api import BroadcastLog
 
 
 def _packed_lora_model():

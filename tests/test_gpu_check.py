@@ -124,7 +124,6 @@ def test_tiny_mxfp4_peak_stage_trains_two_depths_and_extrapolates(tmp_path):
     experts = r["resident_experts"]
     assert experts["mxfp4_resident"] and experts["auto_expert_format"] == "bf16"  # auto is mxfp4 on CUDA only
     assert abs(experts["bits_per_expert_param"] - 4.25) <= 0.05 * 4.25
-    assert experts["dense_copy_bytes"] == 8 * 64 * 128 * 4  # tiny: gate_up_proj of 8 experts, [64, 128] fp32
     peaks = {}
     for layers in ("2", "4"):
         run = r["runs"][layers]
@@ -140,7 +139,7 @@ def test_tiny_mxfp4_peak_stage_trains_two_depths_and_extrapolates(tmp_path):
     assert r["planned_gib"] == plan["full"]["per_gpu_gib"]
     assert r["plan_over_measured"] == pytest.approx(r["planned_gib"] / r["extrapolated_peak_gib"], abs=2e-3)
     assert r["fits_target"] == (r["extrapolated_peak_gib"] <= 20.0)
-    assert set(r["at_measured_depths"]) == {"2", "4"} and "start_up_may_set_peak" in r["at_measured_depths"]["2"]
+    assert set(r["at_measured_depths"]) == {"2", "4"}
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -172,10 +171,3 @@ def test_mxfp4_peak_plans_and_data_at_the_real_shapes(tmp_path):
     assert figures["fits_target"] == (offload["extrapolated_peak_gib"] <= 80.0)
     doubled = gpu_check.compare_with_plan({n: 2 * v for n, v in peaks.items()}, 36, p120, 80.0)
     assert not doubled["within_15pct"] and not doubled["fits_target"]
-    # One dense bf16 copy of a gate_up_proj (a start-up transient) outweighs training at 2-4 layers of 120b, not of 20b.
-    dense_copy = {experts: experts * 2880 * 5760 * 2 / 2**30 for experts in (32, 128)}
-    flags120 = gpu_check.compare_with_plan(peaks, 36, p120, 80.0, dense_copy[128])["at_measured_depths"]
-    assert flags120["2"]["start_up_may_set_peak"] and flags120["2"]["start_up_estimate_gib"] > 9
-    peaks20 = {n: p20[str(n)]["per_gpu_gib"] - p20[str(n)]["overhead_gib"] for n in (2, 4)}
-    flags20 = gpu_check.compare_with_plan(peaks20, 24, p20, 20.0, dense_copy[32])["at_measured_depths"]
-    assert not any(f["start_up_may_set_peak"] for f in flags20.values())
