@@ -22,7 +22,7 @@ the trainer actually runs:
                the data file when it exists); ``training.loss`` chunked/liger keeps one chunk of them.
   overhead     GPU: CUDA context, NCCL buffers, allocator slack (a fixed allowance). CPU: the process
                (python, torch, transformers, deepspeed, the harmony vocabulary) and the glibc heap that
-               ``finetune/host_memory.py`` keeps (freed blocks are reused, never returned), measured.
+               ``finetune/host_memory.py`` keeps (freed blocks are reused, never returned), calibrated.
 
 ``--device cpu`` plans a CPU run (fp32, eager attention): per-rank host RSS, compared with the
 ``peak_host_gib`` that training writes to metrics.jsonl in BENCHMARKS.md.
@@ -50,7 +50,6 @@ CPU_PROCESS_GIB = 0.6
 DEFAULT_TRAINED_FRACTION = 0.5  # without a data file: half the tokens carry a loss (chat data: 0.2-0.5)
 LOSS_CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk of the chunked loss (finetune/loss.py)
 EAGER_TRANSIENT_SCORES = 3  # score-sized temporaries live while one layer's eager attention runs
-HEAP_KEEP_GIB = 1.5  # glibc M_TRIM_THRESHOLD (1 GiB) + M_TOP_PAD (0.5 GiB) set by finetune/host_memory.py
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -268,7 +267,10 @@ def _activation_bytes(config, arch: Arch, ep: int, act: int, attention: str, los
     transient = max(logits, EAGER_TRANSIENT_SCORES * scores)
     return {"layers": layers, "scores": saved_scores, "logits": logits, "transient": transient,
             "total": layers + saved_scores + transient, "logit_tokens": kept,
-            "score_temporaries": arch.layers * EAGER_TRANSIENT_SCORES * scores}
+            # freed score temporaries the heap keeps: every layer's without checkpointing (kept softmaxes
+            # sit between them), about two layers' under it (each recomputed layer reuses the last's holes)
+            "score_temporaries": (2 if t.gradient_checkpointing else arch.layers) * EAGER_TRANSIENT_SCORES * scores,
+            "logit_block": kept * arch.vocab * 4}
 
 
 def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float = 80.0,
@@ -320,8 +322,10 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
     built_whole = bool(config.model.preset) and experts_total + dense <= WHOLE_BUILD_MAX_PARAMS
     experts_loaded = experts_total if built_whole else experts_total / ep
     load_b = experts_loaded * expert_bytes + w_dense
-    if config.model.preset and device == "cpu":
-        load_b += min(experts_total * param_bytes + w_dense, 5 * GIB)  # safetensors bytes of one base/ shard
+    if device == "cpu":
+        # beside the copies, one safetensors shard (HF folders: <= 5 GB) is mapped: the one being read
+        # (model.path: model/checkpoint.py copies each tensor out of it) or the base/ rank 0 writes (preset)
+        load_b += min(experts_total * param_bytes + w_dense, 5 * GIB)
 
     optimizer_device = 0.0 if offload else optimizer_b
     # ZeRO-Offload keeps the fp32 master, both moments and fp32 gradients on the host; the device keeps
@@ -334,7 +338,8 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
     if device == "cpu":
         # (a launched rank's extra 0.3 GiB was DeepSpeed's start-up broadcast of the frozen base, now skipped)
         overhead_gib = CPU_PROCESS_GIB + cpu_heap_slack_gib(acts)
-    per_gpu = max(train_b, load_b) / GIB + overhead_gib
+    load_overhead_gib = CPU_PROCESS_GIB if device == "cpu" else OVERHEAD_GIB  # no training heap yet
+    per_gpu = max(train_b / GIB + overhead_gib, load_b / GIB + load_overhead_gib)
     host = CPU_PROCESS_GIB + host_optimizer_b / GIB
     if device == "cpu":
         host = per_gpu
@@ -349,7 +354,7 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
         notes.append("seq_len >= 4096 without training.gradient_checkpointing: consider enabling it")
     if attention == "eager" and acts["transient"] > acts["logits"] and device == "cuda":
         notes.append("eager attention's S^2 scores dominate: training.attention: flex makes them linear in S")
-    if load_b > train_b:
+    if load_b / GIB + load_overhead_gib > train_b / GIB + overhead_gib:
         notes.append("the load-time peak (all experts before expert parallelism drops them) sets the total")
     fits = per_gpu <= gpu_mem_gib
     if not fits and ep < arch.experts and mxfp4 < gpu_mem_gib and expert_format != "mxfp4":
@@ -368,7 +373,7 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
         device=device, attention=attention, loss=loss, expert_format=expert_format,
         trained_fraction=round(fraction, 4), trained_fraction_source=fraction_source,
         logit_tokens=int(acts["logit_tokens"]), attention_scores_gib=round(acts["scores"] / GIB, 3),
-        logits_gib=round(acts["logits"] / GIB, 3), load_peak_gib=round(load_b / GIB + overhead_gib, 2),
+        logits_gib=round(acts["logits"] / GIB, 3), load_peak_gib=round(load_b / GIB + load_overhead_gib, 2),
         host_gib_per_rank=round(host, 2), optimizer_offload=offload,
         host_optimizer_gib=round(host_optimizer_b / GIB, 2),
     )
@@ -377,12 +382,16 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
 def cpu_heap_slack_gib(acts: dict) -> float:
     """Heap a CPU rank keeps beyond its live tensors, with the glibc settings of ``finetune/host_memory.py``.
 
-    No block is mmap'd and freed heap is kept up to the trim threshold (1 GiB) plus the top pad (0.5
-    GiB), so the score-sized temporaries of eager attention (3 per layer, allocated and freed in every
-    forward, recomputation and backward) leave holes the heap never returns. Measured: 2048-token step
-    with checkpointing, 2.44 GiB peak RSS without those settings (live estimate 2.61), 4.00 GiB with.
+    No block is mmap'd and freed heap is not returned, so the score-sized temporaries of eager attention
+    (3 per layer, allocated and freed in every forward, recomputation and backward) leave holes: those of
+    every layer without checkpointing, about two layers' with it. The logits differ in size from step to
+    step (trained tokens vary by row), so one freed fp32 logits block that a later, larger one does not
+    fit in stays too: seen as a rise of exactly that block from step 1 to step 2. Calibrated, not
+    derived: the layer counts fit the eight CPU runs of BENCHMARKS.md (plan vs measured), where the heap
+    kept up to 2 GiB, more than glibc's trim threshold plus top pad (1.5 GiB): holes inside the heap are
+    never trimmed.
     """
-    return min(HEAP_KEEP_GIB, acts["score_temporaries"] / GIB)
+    return (acts["score_temporaries"] + acts["logit_block"]) / GIB
 
 
 def format_plan(p: Plan, config) -> str:

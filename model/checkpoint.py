@@ -250,8 +250,7 @@ def materialise_from_folder(model, folder, *, dtype, device, expert_range=None, 
                 full_shape = tuple(f.get_slice(name).get_shape())
                 if full_shape != expected:
                     raise UserError(f"{file}: {name}: shape {full_shape}, config expects {expected}")
-                tensor = _read_slice(f, file, name, rows, device)
-                _assign(model, name, tensor.to(device=device, dtype=dtype))
+                _assign(model, name, _read_slice(f, file, name, rows, device, dtype))
     for _, experts in _experts_of(model):
         set_expert_range(experts, (start, stop), total)
     if "lm_head.weight" not in used and config.tie_word_embeddings:
@@ -442,8 +441,9 @@ def _open_other(f, file: Path, other: Path):
         yield g
 
 
-def _read_slice(f, file: Path, key: str, rows, device):
-    """Tensor ``key``, or only its rows ``[start, stop)`` (a safetensors slice: nothing else is read).
+def _read_slice(f, file: Path, key: str, rows, device, dtype=None):
+    """Tensor ``key``, or only its rows ``[start, stop)`` (a safetensors slice: nothing else is read), as a
+    tensor of its own on ``device`` (in ``dtype`` if given).
 
     On the meta device nothing is read at all: a tensor of the right shape and dtype stands in.
     """
@@ -455,16 +455,15 @@ def _read_slice(f, file: Path, key: str, rows, device):
             shape = list(view.get_shape())
             if rows is not None:
                 shape[0] = rows[1] - rows[0]
-            return torch.empty(shape, dtype=_safetensors_dtypes()[view.get_dtype()], device="meta")
+            return torch.empty(shape, dtype=dtype or _safetensors_dtypes()[view.get_dtype()], device="meta")
         tensor = view[rows[0]:rows[1]] if rows is not None else view[:]
     except Exception as exc:
         raise UserError(f"{file}: {key}: cannot read tensor: {exc}") from None
-    tensor = tensor.to(device)
-    if rows is not None and tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
-        # safetensors returns rows as a view of the whole (memory-mapped) tensor: a CPU rank would keep the
-        # file's every expert mapped in its parameter (MXFP4 blocks are used as read). Own only the rows.
-        tensor = tensor.clone()
-    return tensor
+    # safetensors returns a view of the memory-mapped file. Kept as a parameter on the CPU, it would leave
+    # the weights file-backed: resident only where touched (how much depends on the machine's page cache,
+    # so host memory differed by machine), a row slice would pin the whole mapped tensor, and a file
+    # rewritten in place during the run would fault. Always own a copy (one tensor at a time), in ``dtype``.
+    return tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)
 
 
 def _safetensors_dtypes():

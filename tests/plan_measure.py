@@ -11,7 +11,9 @@ a third of them trained. Used by tests/test_plan.py and, for the BENCHMARKS.md t
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,6 +50,29 @@ def write_inputs(folder: Path) -> Path:
     path = folder / "base.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+# What the planner's CPU_PROCESS_GIB stands for: a process with the trainer's imports and the harmony vocabulary.
+BASELINE_SCRIPT = """
+import torch, transformers, peft, deepspeed
+from ossforge.finetune import trainer
+from ossforge.model.tokenizer import harmony_encoding, text_encoding
+harmony_encoding(); text_encoding().encode_ordinary("dose")
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(*(int(status[k].split()[0]) / 2**20 for k in ("VmHWM", "RssFile")))
+"""
+
+
+def machine_baseline() -> tuple[float, float]:
+    """(peak RSS GiB, file-backed RSS GiB) of that process on this machine.
+
+    The planner's 0.6 GiB was measured on one VM; how much of the shared libraries a process has
+    resident (file-backed pages) is a property of the machine, not of the model, so the plan test
+    replaces the constant by this machine's figure before comparing the model's terms."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    return float(out[-2]), float(out[-1])
 
 
 def measure(folder: Path, seq: int, ckpt: bool, ep: int) -> tuple[float, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import pytest
@@ -65,6 +66,17 @@ def test_sharded_checkpoint_loads(tiny, tmp_path):
     assert len(set(index["weight_map"].values())) >= 3
     assert not (out / "model.safetensors").exists()
     assert torch.equal(_logits(load_model(ModelConfig(path=str(out)))), _logits(tiny))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the kernel's memory map (Linux)")
+def test_loaded_weights_are_owned_not_views_of_the_mapped_file(tiny, tmp_path):
+    """A CPU-loaded model holds its own copies: with views of safetensors' memory map, the weights were
+    resident only where touched (peak RSS differed 1.51 vs 1.80 GiB between two machines for one run)."""
+    folder = save_base(tiny, tmp_path / "base")
+    model = load_model(ModelConfig(path=str(folder)))
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(folder) in line]
+    assert not mapped, mapped
+    assert torch.equal(_logits(model), _logits(tiny))
 
 
 def test_bf16_load(small_vocab_dir):
