@@ -11,6 +11,9 @@ for ``OptimizedLinear`` weights, "unique per base weight shard"), and nothing el
 reads that marker unless ``OptimizedLinear`` modules exist. So the frozen parameters carry it while the
 engine starts, and lose it again right after. ``tests/test_deepspeed_api.py`` checks that DeepSpeed still
 honours it.
+
+Skipping it means trusting that every rank holds the same base, so :func:`check_frozen_weights_agree`
+checks that instead, from one float64 sum per replicated frozen tensor (a few kilobytes on the wire).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from ossforge.errors import UserError
 
 MARKER = "ds_optim_param"
 
@@ -33,3 +38,42 @@ def frozen_weights_not_broadcast(model: torch.nn.Module):
     finally:
         for p in marked:
             delattr(p, MARKER)
+
+
+def _replicated(name: str) -> bool:
+    """Tensors every rank holds whole: all but the experts, which expert parallelism splits."""
+    return ".mlp.experts." not in name
+
+
+def check_frozen_weights_agree(model: torch.nn.Module) -> None:
+    """A clear error, on every rank, when some rank's frozen base differs from rank 0's.
+
+    Without DeepSpeed's start-up broadcast, ranks that loaded different folders (a node-local copy that
+    differs, a re-download mid-launch) would train on different bases, silently. Each replicated frozen
+    tensor is reduced to its float64 sum (``sum(dtype=...)`` accumulates without a float64 copy); sums
+    of one tensor on different devices may differ in the last bits, different checkpoints do not agree
+    to 1e-6.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    names, sums = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad and _replicated(name):
+            names.append(name)
+            sums.append(p.detach().sum(dtype=torch.float64))
+    if not sums:
+        return
+    mine = torch.stack(sums)
+    if dist.get_backend() != "nccl":
+        mine = mine.cpu()  # gloo gathers host tensors
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)  # one sync at start-up
+    reference = gathered[0].cpu()
+    for rank, theirs in enumerate(gathered[1:], start=1):
+        close = torch.isclose(theirs.cpu(), reference, rtol=1e-6, atol=1e-6)
+        if not bool(close.all()):
+            first = names[int((~close).nonzero()[0])]
+            raise UserError(f"rank {rank}'s frozen base differs from rank 0's (first: {first}): every rank "
+                            "must load the same model folder (or preset and model.init_seed)")

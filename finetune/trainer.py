@@ -33,7 +33,7 @@ from ossforge.finetune.memory import gather_peaks
 from ossforge.finetune.lora import apply_lora, check_init_adapter, load_init_adapter, peft_config, summarize
 from ossforge.finetune.expert_parallel import (apply_expert_parallel, ep_independent, expert_parallel_size,
                                                gathered_experts, optimizer_param_groups)
-from ossforge.finetune.frozen_broadcast import frozen_weights_not_broadcast
+from ossforge.finetune.frozen_broadcast import check_frozen_weights_agree, frozen_weights_not_broadcast
 from ossforge.finetune.grad_accum import FP32GradAccumulation
 from ossforge.finetune.grad_clip import clip_gradients, we_clip
 from ossforge.finetune.plan import check_topology
@@ -284,6 +284,7 @@ def initialize_engine(model, config, ds: dict):
         def scheduler(opt):
             return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
+    check_frozen_weights_agree(model)
     with frozen_weights_not_broadcast(model):  # every rank loaded the same frozen base: nothing to send
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds)

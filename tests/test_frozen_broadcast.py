@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 import torch
 
 from tests.dequantise_count import DequantiseCount
@@ -58,3 +60,56 @@ def test_initialize_engine_broadcasts_only_lora_and_never_dequantises_packed_exp
     assert not log.pointers() & {p.data_ptr() for p in frozen}
     assert not any(hasattr(p, MARKER) for p in model.parameters())
     assert engine.module is model
+
+
+def _check_rank(rank: int, port: int, seeds: tuple[int, int], queue) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from ossforge.errors import UserError
+    from ossforge.finetune.frozen_broadcast import check_frozen_weights_agree
+    from ossforge.model.local_experts import ep_expert_range
+    from ossforge.model.presets import build_random, make_config
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # Each rank builds only its half of the experts (EP=2), seeded per global expert: the experts differ
+    # by rank, the replicated base does not unless the seeds do.
+    model = build_random("tiny", seed=seeds[rank], vocab_size=512, pad_token_id=0, eos_token_id=1,
+                         expert_range=ep_expert_range(make_config("tiny").num_local_experts, rank, 2))
+    model.requires_grad_(False)
+    try:
+        check_frozen_weights_agree(model)
+        queue.put((rank, None))
+    except UserError as exc:
+        queue.put((rank, str(exc)))
+    dist.destroy_process_group()
+
+
+def _run_check(seeds):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_check_rank, args=(r, port, seeds, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
+@pytest.mark.multiprocess
+def test_ranks_with_different_frozen_bases_fail_on_every_rank_and_equal_ones_pass():
+    assert _run_check((0, 0)) == {0: None, 1: None}  # experts differ by rank (EP=2); not compared
+    errors = _run_check((0, 1))
+    assert errors[0] == errors[1] and "rank 1's frozen base differs from rank 0's" in errors[0]
+    assert "model.embed_tokens.weight" in errors[0] and "\n" not in errors[0]
