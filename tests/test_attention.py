@@ -117,9 +117,15 @@ def test_model_with_flex_equals_eager_on_packed_rows():
         attn.apply_attention(model, "eager")
         alone = model(input_ids=b[None], position_ids=torch.arange(13)[None], use_cache=False).logits[0]
     real = mask.bool()
-    torch.testing.assert_close(outs["flex"][real], outs["eager"][real], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outs["eager"][0, 20:], alone, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outs["flex"][1, :13], alone, rtol=1e-5, atol=1e-5)
+    # fp32 GEMMs of other shapes (33 vs 13 rows) round differently: up to 1.6e-5 on logits of up to 8.3 on
+    # one CPU (AMX), under 1e-5 on another. Attention across the document boundary moves them by > 1e-2.
+    close = dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(outs["flex"][real], outs["eager"][real], **close)
+    torch.testing.assert_close(outs["eager"][0, 20:], alone, **close)
+    torch.testing.assert_close(outs["flex"][1, :13], alone, **close)
+    with torch.no_grad():  # the same row as one document: what crossing the boundary would give
+        crossed = model(input_ids=ids[:1], position_ids=torch.arange(33)[None], use_cache=False).logits[0, 20:]
+    assert (crossed - alone).abs().max() > 1e-2
 
 
 def test_attention_choice():
