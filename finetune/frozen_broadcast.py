@@ -13,7 +13,7 @@ engine starts, and lose it again right after. ``tests/test_deepspeed_api.py`` ch
 honours it.
 
 Skipping it means trusting that every rank holds the same base, so :func:`check_frozen_weights_agree`
-checks that instead, from one float64 sum per replicated frozen tensor (a few kilobytes on the wire).
+checks that instead, from one float64 sum per replicated base tensor (a few kilobytes on the wire).
 """
 
 from __future__ import annotations
@@ -45,14 +45,20 @@ def _replicated(name: str) -> bool:
     return ".mlp.experts." not in name
 
 
+def _float64_sum(t: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """Sum in float64 through 512 KiB temporaries (``sum(dtype=float64)`` casts the whole input first:
+    4.6 GB for gpt-oss-120b's embedding)."""
+    flat = t.reshape(-1)
+    return torch.stack([c.sum(dtype=torch.float64) for c in flat.split(chunk)]).sum()
+
+
 def check_frozen_weights_agree(model: torch.nn.Module) -> None:
-    """A clear error, on every rank, when some rank's frozen base differs from rank 0's.
+    """A clear error, on every rank, when some rank's base ``model`` (before LoRA) differs from rank 0's.
 
     Without DeepSpeed's start-up broadcast, ranks that loaded different folders (a node-local copy that
-    differs, a re-download mid-launch) would train on different bases, silently. Each replicated frozen
-    tensor is reduced to its float64 sum (``sum(dtype=...)`` accumulates without a float64 copy); sums
-    of one tensor on different devices may differ in the last bits, different checkpoints do not agree
-    to 1e-6.
+    differs, a re-download mid-launch) would train on different bases, silently. Each replicated
+    tensor is reduced to its float64 sum; sums of one tensor on different devices may differ in the last
+    bits, different checkpoints do not agree to 1e-6.
     """
     import torch.distributed as dist
 
@@ -60,9 +66,9 @@ def check_frozen_weights_agree(model: torch.nn.Module) -> None:
         return
     names, sums = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad and _replicated(name):
+        if _replicated(name):
             names.append(name)
-            sums.append(p.detach().sum(dtype=torch.float64))
+            sums.append(_float64_sum(p.detach()))
     if not sums:
         return
     mine = torch.stack(sums)

@@ -322,10 +322,8 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
     built_whole = bool(config.model.preset) and experts_total + dense <= WHOLE_BUILD_MAX_PARAMS
     experts_loaded = experts_total if built_whole else experts_total / ep
     load_b = experts_loaded * expert_bytes + w_dense
-    if device == "cpu":
-        # beside the copies, one safetensors shard (HF folders: <= 5 GB) is mapped: the one being read
-        # (model.path: model/checkpoint.py copies each tensor out of it) or the base/ rank 0 writes (preset)
-        load_b += min(experts_total * param_bytes + w_dense, 5 * GIB)
+    if config.model.preset and device == "cpu":
+        load_b += min(experts_total * param_bytes + w_dense, 5 * GIB)  # safetensors bytes of one base/ shard
 
     optimizer_device = 0.0 if offload else optimizer_b
     # ZeRO-Offload keeps the fp32 master, both moments and fp32 gradients on the host; the device keeps

@@ -284,7 +284,6 @@ def initialize_engine(model, config, ds: dict):
         def scheduler(opt):
             return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
-    check_frozen_weights_agree(model)
     with frozen_weights_not_broadcast(model):  # every rank loaded the same frozen base: nothing to send
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds)
@@ -543,6 +542,7 @@ def train(config, resume: bool = False, config_path=None, stop_after: int | None
         run.start(resolved_yaml(config), resume)  # checks, clearing and config.yaml: rank 0 only
     run.check_shared()  # every rank sees rank 0's run folder, or every rank stops here (exit 2)
     model, base_path = build_model(config, device, dtype, run, resume)
+    check_frozen_weights_agree(model)  # the engine will not broadcast rank 0's base: every rank must hold it
     torch.manual_seed(t.seed)  # LoRA initialisation
     model = apply_lora(model, config.lora, base_path, seed=t.seed)  # expert LoRA at the local size
     model = prepare_modules(model, config)

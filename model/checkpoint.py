@@ -16,6 +16,7 @@ Problems with a folder are :class:`UserError` naming the folder or file.
 
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -442,28 +443,68 @@ def _open_other(f, file: Path, other: Path):
 
 
 def _read_slice(f, file: Path, key: str, rows, device, dtype=None):
-    """Tensor ``key``, or only its rows ``[start, stop)`` (a safetensors slice: nothing else is read), as a
-    tensor of its own on ``device`` (in ``dtype`` if given).
+    """Tensor ``key``, or only its rows ``[start, stop)`` (nothing else is read), as a tensor of its own on
+    ``device`` (in ``dtype`` if given).
 
     On the meta device nothing is read at all: a tensor of the right shape and dtype stands in.
     """
     import torch
 
     try:
-        view = f.get_slice(key)
-        if torch.device(device).type == "meta":
-            shape = list(view.get_shape())
-            if rows is not None:
-                shape[0] = rows[1] - rows[0]
-            return torch.empty(shape, dtype=dtype or _safetensors_dtypes()[view.get_dtype()], device="meta")
-        tensor = view[rows[0]:rows[1]] if rows is not None else view[:]
+        view = f.get_slice(key)  # safetensors validated the header: shape and dtype
+        shape = list(view.get_shape())
+        stored = _safetensors_dtypes()[view.get_dtype()]
     except Exception as exc:
         raise UserError(f"{file}: {key}: cannot read tensor: {exc}") from None
-    # safetensors returns a view of the memory-mapped file. Kept as a parameter on the CPU, it would leave
-    # the weights file-backed: resident only where touched (how much depends on the machine's page cache,
-    # so host memory differed by machine), a row slice would pin the whole mapped tensor, and a file
-    # rewritten in place during the run would fault. Always own a copy (one tensor at a time), in ``dtype``.
-    return tensor.to(device=device, dtype=dtype or tensor.dtype, copy=True)
+    if rows is not None:
+        shape[0] = rows[1] - rows[0]
+    if torch.device(device).type == "meta":
+        return torch.empty(shape, dtype=dtype or stored, device="meta")
+    begin, end = _data_offsets(file, key)
+    if rows is not None:
+        row_bytes = (end - begin) // max(view.get_shape()[0], 1)
+        begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+    tensor = _read_bytes(file, key, begin, end).view(stored).reshape(shape)
+    return tensor.to(device=device, dtype=dtype or stored)  # on the CPU in its dtype: the buffer itself
+
+
+def _data_offsets(file: Path, key: str) -> tuple[int, int]:
+    """Absolute byte range of tensor ``key`` in a safetensors file."""
+    stat = Path(file).stat()
+    length, header = _header(str(file), stat.st_mtime_ns, stat.st_size)
+    begin, end = header[key]["data_offsets"]
+    return 8 + length + begin, 8 + length + end
+
+
+@functools.lru_cache(maxsize=8)
+def _header(path: str, mtime_ns: int, size: int) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file: u64 little-endian length, then JSON; cached per
+    file version (a shard holds hundreds of tensors)."""
+    with open(path, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        return length, json.loads(fh.read(length))
+
+
+def _read_bytes(file: Path, key: str, begin: int, end: int):
+    """Bytes ``[begin, end)`` of ``file`` read into a new uint8 tensor.
+
+    Read, not memory-mapped (safetensors' ``safe_open`` maps the file): a mapped tensor's pages count
+    towards the process's RSS as far as the machine's page cache has them, so the same load peaked
+    0.4 GiB apart on two machines, and parameters kept as views of the map would stay file-backed.
+    safetensors has no unmapped reader for one tensor or a row range of it, hence this.
+    """
+    import torch
+
+    out = torch.empty(end - begin, dtype=torch.uint8)
+    buffer, done = memoryview(out.numpy()), 0
+    with open(file, "rb") as fh:
+        fh.seek(begin)
+        while done < len(buffer):  # one read() returns at most ~2 GiB on Linux
+            n = fh.readinto(buffer[done:])
+            if not n:
+                raise UserError(f"{file}: {key}: file ends inside the tensor (truncated?)")
+            done += n
+    return out
 
 
 def _safetensors_dtypes():

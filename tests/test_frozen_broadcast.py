@@ -78,7 +78,6 @@ def _check_rank(rank: int, port: int, seeds: tuple[int, int], queue) -> None:
     # by rank, the replicated base does not unless the seeds do.
     model = build_random("tiny", seed=seeds[rank], vocab_size=512, pad_token_id=0, eos_token_id=1,
                          expert_range=ep_expert_range(make_config("tiny").num_local_experts, rank, 2))
-    model.requires_grad_(False)
     try:
         check_frozen_weights_agree(model)
         queue.put((rank, None))
