@@ -2,8 +2,9 @@
 
 Each rank reads its own high-water marks: host RSS from the kernel (``VmHWM`` in
 ``/proc/self/status``, or ``getrusage`` where there is no /proc) and device memory from
-``torch.cuda.max_memory_allocated``. At log time one small ``all_gather`` of two floats per rank
-collects them, so every rank holds the per-rank values and their maximum. Peaks are since the
+``torch.cuda.max_memory_allocated``, plus the file-backed share of host memory at log time. At log
+time one small ``all_gather`` of three floats per rank collects them, so every rank holds the per-rank
+values and their maximum. Peaks are since the
 process started: they include the load-time peak, which is often the largest.
 """
 
@@ -29,6 +30,20 @@ def peak_host_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
+def file_backed_bytes() -> int | None:
+    """Resident file-backed pages of this process now (``RssFile``: shared libraries, mapped files), in
+    bytes; None where there is no /proc. Part of the host peak that depends on the machine's page cache
+    (how much of torch's libraries it maps), not on the run."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_device_bytes(device) -> int | None:
     """Peak memory the torch allocator handed out on ``device`` (None without a CUDA device)."""
     import torch
@@ -44,6 +59,7 @@ class MemoryPeaks:
 
     host_gib: list[float]
     device_gib: list[float | None]
+    host_file_gib: list[float | None] | None = None  # file-backed share of host memory at log time
 
     @property
     def peak_host_gib(self) -> float:
@@ -57,7 +73,8 @@ class MemoryPeaks:
     def record(self) -> dict:
         """The ``metrics.jsonl`` fields (DESIGN §3): maxima over ranks, per-rank values in ``memory``."""
         return {"peak_host_gib": self.peak_host_gib, "peak_device_gib": self.peak_device_gib,
-                "memory": {"host_gib": self.host_gib, "device_gib": self.device_gib}}
+                "memory": {"host_gib": self.host_gib, "device_gib": self.device_gib,
+                           "host_file_gib": self.host_file_gib or [None] * len(self.host_gib)}}
 
     def line(self) -> str:
         ranks = len(self.host_gib)
@@ -73,9 +90,9 @@ def gather_peaks(device) -> MemoryPeaks:
     import torch
     import torch.distributed as dist
 
-    device_bytes = peak_device_bytes(device)
-    mine = torch.tensor([peak_host_bytes() / GIB, -1.0 if device_bytes is None else device_bytes / GIB],
-                        dtype=torch.float64)
+    device_bytes, file_bytes = peak_device_bytes(device), file_backed_bytes()
+    mine = torch.tensor([peak_host_bytes() / GIB, -1.0 if device_bytes is None else device_bytes / GIB,
+                         -1.0 if file_bytes is None else file_bytes / GIB], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         on = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
         mine = mine.to(on)
@@ -84,5 +101,6 @@ def gather_peaks(device) -> MemoryPeaks:
         rows = [p.cpu().tolist() for p in parts]
     else:
         rows = [mine.tolist()]
-    return MemoryPeaks(host_gib=[round(h, 3) for h, _ in rows],
-                       device_gib=[None if d < 0 else round(d, 3) for _, d in rows])
+    return MemoryPeaks(host_gib=[round(h, 3) for h, _, _ in rows],
+                       device_gib=[None if d < 0 else round(d, 3) for _, d, _ in rows],
+                       host_file_gib=[None if f < 0 else round(f, 3) for _, _, f in rows])

@@ -54,6 +54,7 @@ def test_two_ranks_gather_per_rank_peaks_and_their_max():
     assert rec0["peak_host_gib"] == max(host) == host[1]
     assert host[1] == pytest.approx(results[1][1], abs=0.01)
     assert rec0["peak_device_gib"] is None and rec0["memory"]["device_gib"] == [None, None]
+    assert all(0 < f < h for f, h in zip(rec0["memory"]["host_file_gib"], host))  # libraries: part of RSS
 
 
 def test_summary_line():

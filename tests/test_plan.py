@@ -259,8 +259,8 @@ def test_cpu_plan_within_15_percent_of_measured_peak(tmp_path, seq, ckpt, ep):
     """`ossforge plan --device cpu` against the peak_host_gib that `ossforge train` records (max over ranks).
 
     The plan's process constant (0.6 GiB, measured on one VM) is replaced by this machine's own process
-    baseline: the same EP=1 run peaked at 1.51 GiB on one VM and 1.80 on the CI machine, and the model
-    terms on top are what this test checks."""
+    baseline, plus the library pages training maps beyond it: both depend on the page cache (a fresh
+    clone's venv is all in it), and the model terms on top are what this test checks."""
     import warnings
 
     from ossforge.finetune.plan import CPU_PROCESS_GIB
@@ -269,9 +269,13 @@ def test_cpu_plan_within_15_percent_of_measured_peak(tmp_path, seq, ckpt, ep):
     baseline, file_backed = machine_baseline()
     planned, measured = measure(tmp_path, seq, ckpt, ep)
     records = [json.loads(line) for line in (tmp_path / f"run-{seq}-{int(ckpt)}-{ep}" / "metrics.jsonl").open()]
-    per_step = [r["memory"]["host_gib"] for r in records if "memory" in r]
+    memory = [r["memory"] for r in records if "memory" in r]
+    per_step = [m["host_gib"] for m in memory]
+    # Training maps more of torch's libraries than importing it; how much is the page cache's business.
+    more_library = max(memory[-1]["host_file_gib"]) - file_backed
     figures = (f"planned {planned} (process {CPU_PROCESS_GIB}), this machine's process {baseline:.3f} "
-               f"(file-backed {file_backed:.3f}), measured {measured}, per step and rank {per_step}")
+               f"(file-backed {file_backed:.3f}; {more_library:+.3f} more in training), measured {measured}, "
+               f"per step and rank {per_step}")
     warnings.warn(f"plan vs measured, seq {seq} ckpt {ckpt} EP {ep}: {figures}")  # in CI's log for calibration
-    on_this_machine = planned - CPU_PROCESS_GIB + baseline
+    on_this_machine = planned - CPU_PROCESS_GIB + baseline + more_library
     assert abs(on_this_machine - measured) <= 0.15 * measured, figures
