@@ -69,8 +69,6 @@ def check_frozen_weights_agree(model: torch.nn.Module) -> None:
         if _replicated(name):
             names.append(name)
             sums.append(_float64_sum(p.detach()))
-    if not sums:
-        return
     mine = torch.stack(sums)
     if dist.get_backend() != "nccl":
         mine = mine.cpu()  # gloo gathers host tensors

@@ -17,15 +17,23 @@ from dataclasses import dataclass
 GIB = 1024**3
 
 
-def peak_host_bytes() -> int:
-    """Peak resident set size of this process, in bytes."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmHWM``, ``RssFile``...) in bytes; None without /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024  # reported in kB
     except OSError:
         pass
+    return None
+
+
+def peak_host_bytes() -> int:
+    """Peak resident set size of this process, in bytes."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
@@ -34,14 +42,7 @@ def file_backed_bytes() -> int | None:
     """Resident file-backed pages of this process now (``RssFile``: shared libraries, mapped files), in
     bytes; None where there is no /proc. Part of the host peak that depends on the machine's page cache
     (how much of torch's libraries it maps), not on the run."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssFile:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_status_bytes("RssFile")
 
 
 def peak_device_bytes(device) -> int | None:

@@ -336,8 +336,9 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
     if device == "cpu":
         # (a launched rank's extra 0.3 GiB was DeepSpeed's start-up broadcast of the frozen base, now skipped)
         overhead_gib = CPU_PROCESS_GIB + cpu_heap_slack_gib(acts)
-    load_overhead_gib = CPU_PROCESS_GIB if device == "cpu" else OVERHEAD_GIB  # no training heap yet
-    per_gpu = max(train_b / GIB + overhead_gib, load_b / GIB + load_overhead_gib)
+    train_gib = train_b / GIB + overhead_gib
+    load_gib = load_b / GIB + (CPU_PROCESS_GIB if device == "cpu" else OVERHEAD_GIB)  # no training heap yet
+    per_gpu = max(train_gib, load_gib)
     host = CPU_PROCESS_GIB + host_optimizer_b / GIB
     if device == "cpu":
         host = per_gpu
@@ -352,7 +353,7 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
         notes.append("seq_len >= 4096 without training.gradient_checkpointing: consider enabling it")
     if attention == "eager" and acts["transient"] > acts["logits"] and device == "cuda":
         notes.append("eager attention's S^2 scores dominate: training.attention: flex makes them linear in S")
-    if load_b / GIB + load_overhead_gib > train_b / GIB + overhead_gib:
+    if load_gib > train_gib:
         notes.append("the load-time peak (all experts before expert parallelism drops them) sets the total")
     fits = per_gpu <= gpu_mem_gib
     if not fits and ep < arch.experts and mxfp4 < gpu_mem_gib and expert_format != "mxfp4":
@@ -371,7 +372,7 @@ def make_plan(config, config_path, gpus: int | None = None, gpu_mem_gib: float =
         device=device, attention=attention, loss=loss, expert_format=expert_format,
         trained_fraction=round(fraction, 4), trained_fraction_source=fraction_source,
         logit_tokens=int(acts["logit_tokens"]), attention_scores_gib=round(acts["scores"] / GIB, 3),
-        logits_gib=round(acts["logits"] / GIB, 3), load_peak_gib=round(load_b / GIB + load_overhead_gib, 2),
+        logits_gib=round(acts["logits"] / GIB, 3), load_peak_gib=round(load_gib, 2),
         host_gib_per_rank=round(host, 2), optimizer_offload=offload,
         host_optimizer_gib=round(host_optimizer_b / GIB, 2),
     )

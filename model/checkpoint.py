@@ -452,17 +452,16 @@ def _read_slice(f, file: Path, key: str, rows, device, dtype=None):
 
     try:
         view = f.get_slice(key)  # safetensors validated the header: shape and dtype
-        shape = list(view.get_shape())
+        full_shape = list(view.get_shape())
         stored = _safetensors_dtypes()[view.get_dtype()]
     except Exception as exc:
         raise UserError(f"{file}: {key}: cannot read tensor: {exc}") from None
-    if rows is not None:
-        shape[0] = rows[1] - rows[0]
+    shape = full_shape if rows is None else [rows[1] - rows[0], *full_shape[1:]]
     if torch.device(device).type == "meta":
         return torch.empty(shape, dtype=dtype or stored, device="meta")
     begin, end = _data_offsets(file, key)
     if rows is not None:
-        row_bytes = (end - begin) // max(view.get_shape()[0], 1)
+        row_bytes = (end - begin) // max(full_shape[0], 1)
         begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
     tensor = _read_bytes(file, key, begin, end).view(stored).reshape(shape)
     return tensor.to(device=device, dtype=dtype or stored)  # on the CPU in its dtype: the buffer itself

@@ -56,10 +56,10 @@ def write_inputs(folder: Path) -> Path:
 BASELINE_SCRIPT = """
 import torch, transformers, peft, deepspeed
 from ossforge.finetune import trainer
+from ossforge.finetune.memory import GIB, file_backed_bytes, peak_host_bytes
 from ossforge.model.tokenizer import harmony_encoding, text_encoding
 harmony_encoding(); text_encoding().encode_ordinary("dose")
-status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-print(*(int(status[k].split()[0]) / 2**20 for k in ("VmHWM", "RssFile")))
+print(peak_host_bytes() / GIB, file_backed_bytes() / GIB)
 """
 
 
@@ -75,13 +75,18 @@ def machine_baseline() -> tuple[float, float]:
     return float(out[-2]), float(out[-1])
 
 
+def run_dir(folder: Path, seq: int, ckpt: bool, ep: int) -> Path:
+    """The output_dir of one config's run."""
+    return folder / f"run-{seq}-{int(ckpt)}-{ep}"
+
+
 def measure(folder: Path, seq: int, ckpt: bool, ep: int) -> tuple[float, float]:
     """(planned GiB per rank, measured peak_host_gib) for one config."""
     from ossforge.finetune.config import load_config
     from ossforge.finetune.plan import make_plan
 
     config_path = write_inputs(folder)
-    run = folder / f"run-{seq}-{int(ckpt)}-{ep}"
+    run = run_dir(folder, seq, ckpt, ep)
     sets = [f"training.seq_len={seq}", f"training.gradient_checkpointing={str(ckpt).lower()}",
             f"parallel.expert_parallel_size={ep}", f"output_dir={run}"]
     plan = make_plan(load_config(config_path, sets, check_files=False), config_path, ep, device="cpu")

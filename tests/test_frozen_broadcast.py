@@ -7,7 +7,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-
 import torch
 
 from tests.dequantise_count import DequantiseCount

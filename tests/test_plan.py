@@ -264,11 +264,11 @@ def test_cpu_plan_within_15_percent_of_measured_peak(tmp_path, seq, ckpt, ep):
     import warnings
 
     from ossforge.finetune.plan import CPU_PROCESS_GIB
-    from tests.plan_measure import machine_baseline, measure
+    from tests.plan_measure import machine_baseline, measure, run_dir
 
     baseline, file_backed = machine_baseline()
     planned, measured = measure(tmp_path, seq, ckpt, ep)
-    records = [json.loads(line) for line in (tmp_path / f"run-{seq}-{int(ckpt)}-{ep}" / "metrics.jsonl").open()]
+    records = [json.loads(line) for line in (run_dir(tmp_path, seq, ckpt, ep) / "metrics.jsonl").open()]
     memory = [r["memory"] for r in records if "memory" in r]
     per_step = [m["host_gib"] for m in memory]
     # Training maps more of torch's libraries than importing it; how much is the page cache's business.
